@@ -1,0 +1,191 @@
+"""Media I/O every stage shares: probe, decode video/audio to numpy, mux frames + audio to MP4.
+
+Decoding and encoding go through the ffmpeg binary shipped by `imageio-ffmpeg` (driven with
+`ffmpeg-python`); probing uses PyAV because the bundle has no ffprobe. Every failure to read a file
+(empty, garbage bytes, truncated, no video stream) raises `MediaError` with a one-line reason, which
+preprocessing turns into an error row.
+
+Conventions:
+- frames are uint8 RGB (T, H, W, 3); audio is float32 mono (N,) in [-1, 1].
+- `MediaInfo.width`/`height` are the *displayed* size, i.e. after the rotation metadata is applied;
+  `decode_video` applies the rotation too (ffmpeg's autorotate), so its output is upright.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import ffmpeg
+import numpy as np
+
+__all__ = ["MediaError", "MediaInfo", "ffmpeg_exe", "probe", "decode_video", "decode_audio", "mux_mp4"]
+
+# Below this fraction of the frames the container promises, a decode is treated as truncated.
+_MIN_DECODED_FRACTION = 0.5
+
+
+class MediaError(RuntimeError):
+    """A media file cannot be read or written; `reason` is a short human-readable cause."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None):
+        self.reason = reason
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {reason}" if path is not None else reason)
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What `probe` learns about a file; width/height are as displayed (rotation applied)."""
+
+    duration_s: float
+    has_video: bool
+    has_audio: bool
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    rotation: int = 0  # counter-clockwise degrees from the display matrix, in {0, 90, 180, 270}
+    num_frames: int = 0  # container's count, else estimated as round(duration * fps)
+    audio_sample_rate: int = 0
+    audio_channels: int = 0
+
+
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary bundled with imageio-ffmpeg."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    if not Path(path).exists():
+        raise MediaError("file does not exist", path)
+    if Path(path).stat().st_size == 0:
+        raise MediaError("empty file (0 bytes)", path)
+
+
+def _first_frame_rotation(container: av.container.InputContainer, stream) -> int:
+    """Rotation of the first decodable frame (PyAV exposes the display matrix per frame)."""
+    for frame in container.decode(stream):
+        return int(round(frame.rotation)) % 360
+    raise MediaError("video stream has no decodable frame")
+
+
+def probe(path: str | os.PathLike) -> MediaInfo:
+    """Read container/stream metadata with PyAV; raise MediaError when the file is not media."""
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            return _probe_container(container)
+    except MediaError as exc:
+        raise MediaError(exc.reason, path) from exc
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise MediaError(f"not a readable media file ({exc})", path) from exc
+
+
+def _probe_container(container) -> MediaInfo:
+    video = container.streams.video[0] if container.streams.video else None
+    audio = container.streams.audio[0] if container.streams.audio else None
+    duration_s = float(container.duration / av.time_base) if container.duration else 0.0
+    fields: dict = {"duration_s": duration_s, "has_video": video is not None, "has_audio": audio is not None}
+    if audio is not None:
+        fields.update(audio_sample_rate=int(audio.sample_rate or 0), audio_channels=int(audio.channels or 0))
+    if video is None:
+        return MediaInfo(**fields)
+    rate = video.average_rate or video.guessed_rate or video.base_rate
+    fps = float(rate) if rate else 0.0
+    if video.duration is not None and video.time_base is not None:
+        duration_s = float(video.duration * video.time_base) or duration_s
+    num_frames = int(video.frames) or int(round(duration_s * fps))
+    width, height = int(video.codec_context.width), int(video.codec_context.height)
+    rotation = _first_frame_rotation(container, video)
+    if rotation in (90, 270):
+        width, height = height, width
+    return MediaInfo(**{**fields, "duration_s": duration_s}, fps=fps, width=width, height=height,
+                     rotation=rotation, num_frames=num_frames)
+
+
+def _run(stream, path, input_bytes: bytes | None = None) -> bytes:
+    """Run an ffmpeg-python graph with the bundled binary; ffmpeg failures become MediaError."""
+    try:
+        out, _ = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").run(
+            cmd=ffmpeg_exe(), input=input_bytes, capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as exc:
+        lines = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise MediaError(f"ffmpeg failed: {lines[-1] if lines else 'no message'}", path) from exc
+    return out
+
+
+def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
+                 fit: Literal["crop", "pad"] = "crop") -> np.ndarray:
+    """Decode to uint8 (T, H, W, 3) RGB at `fps` and size (W, H), upright (rotation applied).
+
+    `fit="crop"` scales so the frame covers (W, H) and center-crops the excess;
+    `fit="pad"` scales so the frame fits inside (W, H) and pads with black bars, centred.
+    """
+    width, height = size
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+    info = probe(path)
+    if not info.has_video:
+        raise MediaError("no video stream", path)
+    node = ffmpeg.input(str(path)).video.filter("fps", fps=fps)
+    if fit == "crop":
+        node = node.filter("scale", width, height, force_original_aspect_ratio="increase", flags="area")
+        node = node.filter("crop", width, height)
+    else:
+        node = node.filter("scale", width, height, force_original_aspect_ratio="decrease", flags="area")
+        node = node.filter("pad", width, height, "(ow-iw)/2", "(oh-ih)/2")
+    raw = _run(node.output("pipe:", format="rawvideo", pix_fmt="rgb24"), path)
+    frames = np.frombuffer(raw, np.uint8)
+    if frames.size == 0 or frames.size % (width * height * 3):
+        raise MediaError(f"decoded no complete frame ({frames.size} bytes)", path)
+    frames = frames.reshape(-1, height, width, 3)
+    expected = info.duration_s * fps
+    if len(frames) < _MIN_DECODED_FRACTION * expected:
+        raise MediaError(f"truncated: decoded {len(frames)} of ~{expected:.0f} frames", path)
+    return frames
+
+
+def decode_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream to float32 mono (N,) at `sample_rate` (channels averaged)."""
+    info = probe(path)
+    if not info.has_audio:
+        raise MediaError("no audio stream", path)
+    node = ffmpeg.input(str(path)).audio
+    raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate), path)
+    return np.frombuffer(raw, np.float32).copy()
+
+
+def mux_mp4(frames: np.ndarray, audio: np.ndarray | None, fps: float,
+            out_path: str | os.PathLike | None = None, sample_rate: int = 16000,
+            crf: int = 12) -> bytes | None:
+    """Encode (T, H, W, 3) uint8 frames as H.264 yuv420p (+ mono AAC) MP4; bytes when out_path is None.
+
+    H and W must be even (yuv420p). MP4 needs a seekable output, so bytes go through a temp file.
+    """
+    frames = np.ascontiguousarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    num_frames, height, width, _ = frames.shape
+    if num_frames == 0 or height % 2 or width % 2:
+        raise ValueError(f"need T > 0 and even H, W for yuv420p, got {frames.shape}")
+    with tempfile.TemporaryDirectory(prefix="mux_") as tmp:
+        target = Path(out_path) if out_path is not None else Path(tmp) / "out.mp4"
+        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
+        inputs = [video]
+        codec_args = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": "medium"}
+        if audio is not None:
+            audio_file = Path(tmp) / "audio.f32"
+            np.ascontiguousarray(audio, dtype=np.float32).reshape(-1).tofile(audio_file)
+            inputs.append(ffmpeg.input(str(audio_file), format="f32le", ar=sample_rate, ac=1))
+            codec_args.update(acodec="aac", ar=sample_rate, ac=1, audio_bitrate="64k")
+        out = ffmpeg.output(*inputs, str(target), format="mp4", map_metadata=-1,
+                            fflags="+bitexact", **codec_args).overwrite_output()
+        _run(out, target, input_bytes=frames.tobytes())
+        return None if out_path is not None else target.read_bytes()
+

@@ -1,0 +1,74 @@
+"""COCO-17 keypoints and the rendered skeleton maps the model takes as its pose condition.
+
+The pose condition is an RGB image per frame (T, H, W, 3) uint8 with one fixed color per limb, as
+in OpenPose/DWPose-style conditioning (Animate Anyone, UniAnimate): the denoiser's own conv encodes
+it, so the drawing must be identical in preprocessing, serving and the synthetic world.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+__all__ = ["COCO17_NAMES", "COCO17_LIMBS", "LIMB_COLORS", "JOINT_COLOR", "render_pose", "render_pose_frame"]
+
+COCO17_NAMES: tuple[str, ...] = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear",
+    "left_shoulder", "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+    "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
+)
+
+# (a, b) joint indices of each drawn limb; left side first, then right, then the trunk and head.
+COCO17_LIMBS: tuple[tuple[int, int], ...] = (
+    (5, 7), (7, 9), (11, 13), (13, 15),  # left arm, left leg
+    (6, 8), (8, 10), (12, 14), (14, 16),  # right arm, right leg
+    (5, 6), (11, 12), (5, 11), (6, 12),  # shoulders, hips, torso sides
+    (0, 1), (0, 2), (1, 3), (2, 4),  # face
+)
+
+# One RGB color per limb (same order as COCO17_LIMBS): distinct hues so left/right are separable.
+LIMB_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0), (255, 128, 0), (255, 0, 170), (170, 0, 255),
+    (0, 255, 0), (128, 255, 0), (0, 170, 255), (0, 85, 255),
+    (255, 255, 0), (0, 255, 255), (255, 85, 85), (85, 255, 85),
+    (255, 255, 255), (200, 200, 200), (160, 160, 255), (160, 255, 160),
+)
+JOINT_COLOR: tuple[int, int, int] = (255, 255, 255)
+
+_SHIFT = 4  # cv2 sub-pixel bits: coordinates are drawn at 1/16 px precision
+
+
+def _thickness(height: int, width: int) -> int:
+    """Line thickness that stays visible at 64x64 and scales with resolution."""
+    return max(1, int(round(min(height, width) / 64)))
+
+
+def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
+    """Draw one (17, 3) [x, y, conf] pixel skeleton on black; returns uint8 (H, W, 3)."""
+    canvas = np.zeros((height, width, 3), np.uint8)
+    visible = keypoints[:, 2] >= conf_threshold
+    points = np.round(np.nan_to_num(keypoints[:, :2]) * (1 << _SHIFT)).astype(np.int64)
+    thickness = _thickness(height, width)
+    for (a, b), color in zip(COCO17_LIMBS, LIMB_COLORS):
+        if visible[a] and visible[b]:
+            cv2.line(canvas, tuple(map(int, points[a])), tuple(map(int, points[b])), color,
+                     thickness, cv2.LINE_AA, _SHIFT)
+    for joint in np.flatnonzero(visible):
+        cv2.circle(canvas, tuple(map(int, points[joint])), thickness << _SHIFT, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
+    return canvas
+
+
+def render_pose(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
+    """Render COCO-17 keypoints (T, 17, 3) [x, y, conf] in pixels to skeleton maps uint8 (T, H, W, 3).
+
+    Joints with conf < conf_threshold, and limbs touching them, are not drawn.
+    """
+    keypoints = np.asarray(keypoints, dtype=np.float64)
+    if keypoints.ndim != 3 or keypoints.shape[1:] != (17, 3):
+        raise ValueError(f"keypoints must be (T, 17, 3), got {keypoints.shape}")
+    if not np.isfinite(keypoints[..., 2]).all():
+        raise ValueError("keypoint confidences must be finite (use 0 for missing joints)")
+    frames = np.zeros((len(keypoints), height, width, 3), np.uint8)
+    for t, frame_keypoints in enumerate(keypoints):
+        frames[t] = render_pose_frame(frame_keypoints, height, width, conf_threshold)
+    return frames
