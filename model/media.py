@@ -25,8 +25,9 @@ import numpy as np
 
 __all__ = ["MediaError", "MediaInfo", "ffmpeg_exe", "probe", "decode_video", "decode_audio", "mux_mp4"]
 
-# Below this fraction of the frames the container promises, a decode is treated as truncated.
-_MIN_DECODED_FRACTION = 0.5
+# A decode missing more than this fraction (and > 2 frames) of what the container promises is
+# truncated (a cut file with its index at the front still decodes, just shorter).
+_MISSING_FRAMES_TOLERANCE = 0.05
 
 
 class MediaError(RuntimeError):
@@ -145,20 +146,28 @@ def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
     if frames.size == 0 or frames.size % (width * height * 3):
         raise MediaError(f"decoded no complete frame ({frames.size} bytes)", path)
     frames = frames.reshape(-1, height, width, 3)
-    expected = info.duration_s * fps
-    if len(frames) < _MIN_DECODED_FRACTION * expected:
+    expected = info.num_frames * fps / info.fps if info.fps else info.duration_s * fps
+    if len(frames) < expected - max(2.0, _MISSING_FRAMES_TOLERANCE * expected):
         raise MediaError(f"truncated: decoded {len(frames)} of ~{expected:.0f} frames", path)
     return frames
 
 
 def decode_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
-    """Decode the first audio stream to float32 mono (N,) at `sample_rate` (channels averaged)."""
+    """Decode the first audio stream to float32 mono (N,) at `sample_rate`, any rate/layout in.
+
+    Channels are averaged here rather than by ffmpeg's `-ac 1`, whose downmix adds +3 dB to a
+    stereo copy of a mono signal: a speaker must sound equally loud in mono and stereo files.
+    """
     info = probe(path)
     if not info.has_audio:
         raise MediaError("no audio stream", path)
+    channels = max(info.audio_channels, 1)
     node = ffmpeg.input(str(path)).audio
-    raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate), path)
-    return np.frombuffer(raw, np.float32).copy()
+    raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate), path)
+    samples = np.frombuffer(raw, np.float32)
+    if samples.size % channels:
+        raise MediaError(f"decoded audio of {samples.size} samples is not a multiple of {channels} channels", path)
+    return samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def mux_mp4(frames: np.ndarray, audio: np.ndarray | None, fps: float,
