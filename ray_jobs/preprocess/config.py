@@ -1,0 +1,116 @@
+"""Typed config of the preprocessing job (`python -m ray_jobs.preprocess --config FILE`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from model.audio import AudioFeatureConfig
+from model.config import StrictConfig
+from model.storage import StorageConfig
+from ray_jobs.common import RayConfig
+
+__all__ = ["PreprocessConfig", "VaeStageConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",
+           "VIDEO_EXTENSIONS"]
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm")
+
+
+class AudioStageConfig(StrictConfig):
+    """Audio per clip: mono at `sample_rate`, log-mel windows per frame as `model.audio` defines them."""
+
+    features: AudioFeatureConfig = Field(AudioFeatureConfig(), description="log-mel geometry; its sample_rate "
+                                         "is also the rate of the stored clip audio (16 kHz)")
+    allow_silent: bool = Field(False, description="a video without an audio stream gives clips with "
+                               "has_audio=False and zero audio/features (True) or an error row (False)")
+
+
+class PoseStageConfig(StrictConfig):
+    """Where keypoints come from when a video has no sidecar JSON with `keypoints`."""
+
+    extractor: Literal["none", "onnx"] = Field("none", description="'none': a video without sidecar keypoints "
+                                               "is an error row; 'onnx': run OnnxPoseExtractor")
+    model_path: str | None = Field(None, description="ONNX top-down COCO-17 pose model (local or s3://) for 'onnx'")
+    input_size: tuple[int, int] = Field((192, 256), description="(W, H) input of the ONNX model (RTMPose-s: 192x256)")
+    render_conf_threshold: float = Field(0.3, ge=0, le=1, description="joints below this confidence are not drawn")
+
+    @model_validator(mode="after")
+    def _onnx_needs_model(self) -> "PoseStageConfig":
+        if self.extractor == "onnx" and not self.model_path:
+            raise ValueError("pose.extractor='onnx' needs pose.model_path")
+        return self
+
+
+class FaceStageConfig(StrictConfig):
+    """Face crop track: sidecar `face_boxes`, else OpenCV's bundled Haar cascade; smoothed over time."""
+
+    size: int = Field(32, ge=8, description="face crop edge in pixels (Hf = Wf)")
+    smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
+    margin: float = Field(1.2, ge=1.0, description="crop edge = margin * max(box w, h), so the crop holds the whole head")
+    min_detect_fraction: float = Field(0.5, gt=0, le=1, description="Haar: a clip needs a detection in at least "
+                                       "this fraction of its frames, else has_face=False")
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> "FaceStageConfig":
+        if self.smooth_frames % 2 == 0:
+            raise ValueError(f"face.smooth_frames must be odd (centered window), got {self.smooth_frames}")
+        return self
+
+
+class VaeStageConfig(StrictConfig):
+    """VAE latents on an actor pool (`ActorPoolStrategy`); one GPU per actor when the cluster has GPUs."""
+
+    enabled: bool = Field(True, description="encode frames, ref frame and face crops to latents")
+    path: str | None = Field(None, description="AutoencoderKLWan folder (local or s3://); None = tiny checked-in VAE")
+    min_actors: int = Field(1, ge=1, description="actor pool min_size")
+    max_actors: int = Field(1, ge=1, description="actor pool max_size")
+    batch_size: int = Field(8, ge=1, description="clips per VAE call")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor; None = 1 when the cluster has GPUs, else 0")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "VaeStageConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"vae.min_actors={self.min_actors} > vae.max_actors={self.max_actors}")
+        return self
+
+
+class PreprocessConfig(StrictConfig):
+    """Raw videos (folder or s3:// prefix) -> Parquet training shards + error rows + manifest.
+
+    Geometry: every video is resampled to `fps` and `width`x`height` with `fit`:
+    'crop' scales to cover the frame and center-crops the excess (no bars, loses the edges);
+    'pad' scales to fit inside and pads with centred black bars (keeps everything, wastes pixels).
+    Clips are `clip_frames` frames starting every `stride` frames; a tail shorter than a clip is dropped.
+    """
+
+    input: str = Field(..., description="folder or s3:// prefix searched recursively for videos (+ sidecar .json)")
+    output: str = Field(..., description="folder or s3:// prefix for run-NNNN/ shard folders and manifest.json")
+    clip_frames: int = Field(8, ge=1, description="T: frames per clip")
+    stride: int = Field(8, ge=1, description="frames between clip starts")
+    fps: float = Field(16.0, gt=0, description="target frame rate")
+    width: int = Field(64, ge=8, description="target width W")
+    height: int = Field(64, ge=8, description="target height H")
+    fit: Literal["crop", "pad"] = Field("crop", description="aspect handling, see the class docstring")
+    latent_spatial_factor: int = Field(4, ge=1, description="pixels per latent cell; motion masks are pooled by it "
+                                       "(must equal the VAE's spatial factor when the VAE stage is on)")
+    motion_delta: float = Field(0.04, gt=0, lt=1, description="DanceLCM delta: a pixel moves when its max-channel "
+                                "|f_t - f_t+-1| in [0, 1] intensity exceeds this")
+    shard_clips: int = Field(64, ge=1, description="clips per Parquet shard (at most)")
+    batch_size: int = Field(16, ge=1, description="clips per batch in the CPU stages")
+    retry_failed: bool = Field(False, description="re-run inputs that failed in an earlier run (else they are skipped)")
+    audio: AudioStageConfig = AudioStageConfig()
+    pose: PoseStageConfig = PoseStageConfig()
+    face: FaceStageConfig = FaceStageConfig()
+    vae: VaeStageConfig = VaeStageConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _geometry(self) -> "PreprocessConfig":
+        factor = self.latent_spatial_factor
+        for name, size in (("width", self.width), ("height", self.height), ("face.size", self.face.size)):
+            if size % factor:
+                raise ValueError(f"{name}={size} is not a multiple of latent_spatial_factor={factor}")
+        return self

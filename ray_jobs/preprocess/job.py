@@ -1,0 +1,261 @@
+"""Driver of the preprocessing job: list inputs, resume by manifest, build and run the Ray Data stream.
+
+Output layout (local folder or s3:// prefix)::
+
+    {output}/manifest.json                 written LAST by every run that did work
+    {output}/run-0001/shards/part-*.parquet   clips of run 1 (schema: docs/design.md)
+    {output}/run-0001/errors.parquet       error rows of run 1: source, video_id, clip_index, stage, reason
+
+Readers take the shard list from the manifest (`manifest["shards"]`, paths relative to output);
+shards of a run that crashed before its manifest update are never listed. Each run writes into a
+new run folder, and an input whose size and mtime match its manifest entry is skipped, so re-runs
+never duplicate clips.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+import re
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+from model.storage import Storage, StorageNotFoundError
+from ray_jobs.preprocess import udfs
+from ray_jobs.preprocess.config import VIDEO_EXTENSIONS, PreprocessConfig
+
+__all__ = ["run", "list_inputs", "plan_inputs", "build_dataset", "MANIFEST_FILE"]
+
+log = logging.getLogger("ray_jobs.preprocess")
+
+MANIFEST_FILE = "manifest.json"
+_RUN_DIR = re.compile(r"^run-(\d{4,})$")
+
+
+def list_inputs(storage: Storage, root: str) -> list[dict[str, Any]]:
+    """Every video under `root` with its sidecar URI ('' when absent), size and mtime (ns)."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.arrow_path(root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=False))
+    except (FileNotFoundError, OSError) as exc:
+        raise StorageNotFoundError(f"input {root} cannot be listed: {exc}") from exc
+    files = {info.path: info for info in infos if info.type == pafs.FileType.File}
+    items = []
+    for path, info in sorted(files.items()):
+        stem, ext = posixpath.splitext(path)
+        if ext.lower() not in VIDEO_EXTENSIONS:
+            continue
+        sidecar = stem + ".json"
+        items.append({"source": _to_uri(root, base, path), "size": int(info.size),
+                      "mtime": int(info.mtime_ns or 0),
+                      "sidecar": _to_uri(root, base, sidecar) if sidecar in files else ""})
+    return items
+
+
+def _to_uri(root: str, base: str, path: str) -> str:
+    """Arrow path back to a URI in the same spelling as `root` (s3://... or the local root given)."""
+    return root.rstrip("/") + path[len(base.rstrip("/")):]
+
+
+def read_manifest(storage: Storage, output: str) -> dict[str, Any]:
+    """The output's manifest, or an empty one for a fresh output."""
+    try:
+        return storage.read_json(storage.join(output, MANIFEST_FILE))
+    except StorageNotFoundError:
+        return {"version": 1, "runs": [], "shards": [], "sources": {}, "counts": {}}
+
+
+def plan_inputs(items: list[dict], manifest: dict, retry_failed: bool) -> tuple[list[dict], list[dict], list[dict]]:
+    """Split inputs into (pending, skipped, changed): done = same size+mtime in the manifest.
+
+    A changed input whose clips are already in the shards is not re-run (that would duplicate its
+    clips); it becomes an error row asking for a fresh output instead.
+    """
+    pending, skipped, changed = [], [], []
+    for item in items:
+        entry = manifest["sources"].get(item["source"])
+        if entry is None or (retry_failed and entry["status"] == "failed"):
+            pending.append(item)
+        elif (entry["size"], entry["mtime"]) == (item["size"], item["mtime"]):
+            skipped.append(item)
+        elif entry["clips"] == 0:
+            pending.append(item)
+        else:
+            changed.append(item)
+    return pending, skipped, changed
+
+
+def _next_run_name(storage: Storage, output: str, manifest: dict) -> str:
+    """run-NNNN after every run in the manifest and every run folder present (crashed runs included)."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.arrow_path(output)
+    numbers = [int(m.group(1)) for r in manifest["runs"] if (m := _RUN_DIR.match(r["run"]))]
+    try:
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and (m := _RUN_DIR.match(posixpath.basename(info.path))):
+                numbers.append(int(m.group(1)))
+    except OSError:
+        pass  # an S3 prefix that does not exist yet lists as an error on some stores
+    return f"run-{max(numbers, default=0) + 1:04d}"
+
+
+def build_dataset(cfg: PreprocessConfig, pending: list[dict], shard_dir: str):
+    """The streaming pipeline: inputs -> clips -> audio -> pose -> face -> motion -> [VAE] -> shards."""
+    import ray
+
+    ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
+    ds = ds.flat_map(udfs.decode_clips, fn_kwargs={"cfg": cfg})
+    for stage in (udfs.add_audio_features, udfs.add_pose, udfs.add_face_track, udfs.add_motion_mask):
+        ds = ds.map_batches(stage, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size)
+    if cfg.vae.enabled:
+        ds = ds.map_batches(udfs.VaeEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.vae.batch_size,
+                            compute=ray.data.ActorPoolStrategy(min_size=cfg.vae.min_actors, max_size=cfg.vae.max_actors),
+                            num_cpus=cfg.vae.num_cpus, num_gpus=_vae_gpus(cfg))
+    return ds.map_batches(udfs.write_shard, fn_kwargs={"cfg": cfg, "shard_dir": shard_dir},
+                          batch_size=cfg.shard_clips, batch_format="pyarrow")
+
+
+def _vae_gpus(cfg: PreprocessConfig) -> float:
+    import ray
+
+    if cfg.vae.num_gpus is not None:
+        return cfg.vae.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _collect(ds) -> list[dict[str, Any]]:
+    """Run the stream; log each source as its rows come back; return all summary rows."""
+    rows: list[dict[str, Any]] = []
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        part = batch.to_pylist()
+        rows.extend(part)
+        done = Counter(r["source"] for r in part if not r["error_stage"])
+        log.info("written: %s", ", ".join(f"{posixpath.basename(s)} +{n}" for s, n in done.items()) or "-")
+    return rows
+
+
+def _source_entries(rows: list[dict], items: list[dict], run_name: str) -> dict[str, dict]:
+    """Manifest entry per processed source: status ok / partial / failed, clip count, errors, hash."""
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    entries = {}
+    for item in items:
+        got = by_source.get(item["source"], [])
+        clips = sum(1 for r in got if not r["error_stage"])
+        errors = [{"clip_index": r["clip_index"], "stage": r["error_stage"], "reason": r["error_reason"]}
+                  for r in got if r["error_stage"]]
+        if not got:
+            errors = [{"clip_index": -1, "stage": "pipeline", "reason": "no row came back for this input"}]
+        status = "failed" if clips == 0 else ("partial" if errors else "ok")
+        sha = next((r["source_sha256"] for r in got if r["source_sha256"]), "")
+        entries[item["source"]] = {"status": status, "size": item["size"], "mtime": item["mtime"],
+                                   "sha256": sha, "sidecar": item["sidecar"], "clips": clips,
+                                   "errors": errors, "run": run_name}
+    return entries
+
+
+def _write_errors(storage: Storage, uri: str, entries: dict, changed: list[dict], rows: list[dict]) -> int:
+    """errors.parquet beside the shards: one row per (source, clip) failure; returns its row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    video_ids = {r["source"]: r["video_id"] for r in rows}
+    records = [{"source": src, "video_id": video_ids.get(src, posixpath.splitext(posixpath.basename(src))[0]),
+                "clip_index": e["clip_index"], "stage": e["stage"], "reason": e["reason"]}
+               for src, entry in entries.items() for e in entry["errors"]]
+    records += [{"source": c["source"], "video_id": posixpath.splitext(posixpath.basename(c["source"]))[0],
+                 "clip_index": -1, "stage": "resume",
+                 "reason": "input changed since it was processed (size/mtime differ); its clips are already "
+                           "in the shards, so it is not re-run: write to a fresh output to reprocess"}
+                for c in changed]
+    schema = pa.schema([("source", pa.string()), ("video_id", pa.string()), ("clip_index", pa.int64()),
+                        ("stage", pa.string()), ("reason", pa.string())])
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    return len(records)
+
+
+def run(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Run the job on the Ray already initialised (see `main`); return and print the summary."""
+    storage = Storage(cfg.storage)
+    started = time.time()
+    manifest = read_manifest(storage, cfg.output)
+    items = list_inputs(storage, cfg.input)
+    pending, skipped, changed = plan_inputs(items, manifest, cfg.retry_failed)
+    log.info("%d inputs under %s: %d to process, %d already done, %d changed since done",
+             len(items), cfg.input, len(pending), len(skipped), len(changed))
+    if not pending and not changed:
+        return _finish(cfg, {"run": None, "videos_ok": 0, "videos_failed": 0, "videos_partial": 0,
+                             "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": []})
+    run_name = _next_run_name(storage, cfg.output, manifest)
+    run_dir = storage.join(cfg.output, run_name)
+    rows = _collect(build_dataset(cfg, pending, storage.join(run_dir, "shards"))) if pending else []
+    entries = _source_entries(rows, pending, run_name)
+    error_count = _write_errors(storage, storage.join(run_dir, "errors.parquet"), entries, changed, rows)
+    shards = sorted({posixpath.join(run_name, "shards", r["shard"]) for r in rows if r["shard"]})
+    statuses = Counter(e["status"] for e in entries.values())
+    summary = {"run": run_name, "videos_ok": statuses["ok"], "videos_failed": statuses["failed"] + len(changed),
+               "videos_partial": statuses["partial"], "videos_skipped": len(skipped),
+               "clips_written": sum(e["clips"] for e in entries.values()), "error_rows": error_count,
+               "shards": shards}
+    _update_manifest(storage, cfg, manifest, entries, summary, started)
+    return _finish(cfg, summary)
+
+
+def _update_manifest(storage: Storage, cfg: PreprocessConfig, manifest: dict, entries: dict,
+                     summary: dict, started: float) -> None:
+    """Append this run and its sources to the manifest and write it LAST (after shards and errors)."""
+    run_name = summary["run"]
+    manifest["runs"].append({
+        "run": run_name, "started": _iso(started), "finished": _iso(time.time()),
+        "config": cfg.model_dump(mode="json"), "shards": summary["shards"],
+        "errors": posixpath.join(run_name, "errors.parquet"),
+        "counts": {k: v for k, v in summary.items() if k not in ("run", "shards")}})
+    manifest["sources"].update(entries)
+    manifest["shards"] = sorted(set(manifest["shards"]) | set(summary["shards"]))
+    manifest["config"] = cfg.model_dump(mode="json")
+    manifest["schema"] = _schema_doc(cfg)
+    statuses = Counter(e["status"] for e in manifest["sources"].values())
+    manifest["counts"] = {"videos": len(manifest["sources"]), **{f"videos_{k}": v for k, v in statuses.items()},
+                          "clips": sum(e["clips"] for e in manifest["sources"].values()),
+                          "shards": len(manifest["shards"])}
+    storage.write_json(storage.join(cfg.output, MANIFEST_FILE), manifest)
+
+
+def _schema_doc(cfg: PreprocessConfig) -> dict[str, str]:
+    """Column -> 'dtype shape' of the shards, as in docs/design.md, with this config's sizes."""
+    t, h, w, f = cfg.clip_frames, cfg.height, cfg.width, cfg.latent_spatial_factor
+    feats = cfg.audio.features
+    samples = round(t * feats.sample_rate / cfg.fps)
+    doc = {"video_id": "string", "clip_index": "int64", "source": "string", "identity_id": "string",
+           "split": "string", "start_frame": "int64", "fps": "float64",
+           "frames": f"uint8 ({t}, {h}, {w}, 3)", "ref_frame": f"uint8 ({h}, {w}, 3)",
+           "keypoints": f"float32 ({t}, 17, 3)", "pose": f"uint8 ({t}, {h}, {w}, 3)",
+           "audio": f"float32 ({samples},)", "audio_feats": f"float32 ({t}, {feats.window}, {feats.n_mels})",
+           "has_audio": "bool", "face_boxes": f"float32 ({t}, 4)",
+           "face_crops": f"uint8 ({t}, {cfg.face.size}, {cfg.face.size}, 3)", "has_face": "bool",
+           "motion_mask": f"float32 ({t}, {h // f}, {w // f})", "mouth_openness": f"float32 ({t},)"}
+    if cfg.vae.enabled:
+        doc.update(latents="float32 (C, t, h, w)", ref_latent="float32 (C, 1, h, w)",
+                   face_latents="float32 (C, t, hf, wf)")
+    return doc
+
+
+def _iso(stamp: float) -> str:
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finish(cfg: PreprocessConfig, summary: dict) -> dict:
+    line = (f"preprocess {cfg.output}: videos ok {summary['videos_ok']}, failed {summary['videos_failed']}, "
+            f"partial {summary['videos_partial']}, skipped {summary['videos_skipped']}; "
+            f"clips written {summary['clips_written']}; error rows {summary['error_rows']}")
+    log.info(line)
+    print(line, flush=True)
+    return summary

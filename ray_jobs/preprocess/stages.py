@@ -1,0 +1,167 @@
+"""Pure per-clip math of the preprocessing job: clip split, geometry, audio slices, motion mask, face track.
+
+Stateless numpy/OpenCV functions, no Ray: the Ray Data UDFs in `ray_jobs.preprocess.udfs` call these,
+and tests call them directly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+__all__ = ["clip_starts", "fit_transform", "resample_track", "transform_points", "transform_boxes",
+           "slice_audio", "audio_samples_per_clip", "motion_mask", "smooth_boxes", "fill_missing_boxes",
+           "crop_faces", "detect_faces_haar"]
+
+
+def clip_starts(num_frames: int, clip_frames: int, stride: int) -> np.ndarray:
+    """Start frames of every full clip of `clip_frames` frames, every `stride` frames; (K,) int64."""
+    if num_frames < clip_frames:
+        return np.zeros(0, np.int64)
+    return np.arange(0, num_frames - clip_frames + 1, stride, dtype=np.int64)
+
+
+def fit_transform(src_size: tuple[int, int], dst_size: tuple[int, int], fit: str) -> tuple[float, float, float]:
+    """(scale, tx, ty) with x' = x * scale + tx mapping source pixels to the decoded frame (media.decode_video).
+
+    'crop' scales to cover and centre-crops (tx, ty <= 0); 'pad' scales to fit and centres (tx, ty >= 0).
+    """
+    (src_w, src_h), (dst_w, dst_h) = src_size, dst_size
+    ratios = (dst_w / src_w, dst_h / src_h)
+    scale = max(ratios) if fit == "crop" else min(ratios)
+    return scale, (dst_w - src_w * scale) / 2.0, (dst_h - src_h * scale) / 2.0
+
+
+def resample_track(track: np.ndarray, src_fps: float, dst_fps: float, num_frames: int) -> np.ndarray:
+    """Per-frame annotations (N, ...) at `src_fps` -> (num_frames, ...) at `dst_fps` by nearest source frame.
+
+    Mirrors ffmpeg's fps filter (round to nearest); frames past the track's end repeat its last entry.
+    """
+    index = np.rint(np.arange(num_frames) * (src_fps / dst_fps)).astype(np.int64)
+    return track[np.clip(index, 0, len(track) - 1)]
+
+
+def transform_points(points: np.ndarray, transform: tuple[float, float, float]) -> np.ndarray:
+    """Keypoints (..., 17, 3) [x, y, conf] in source pixels -> decoded-frame pixels (conf unchanged)."""
+    scale, tx, ty = transform
+    out = points.astype(np.float32, copy=True)
+    out[..., 0] = points[..., 0] * scale + tx
+    out[..., 1] = points[..., 1] * scale + ty
+    return out
+
+
+def transform_boxes(boxes: np.ndarray, transform: tuple[float, float, float]) -> np.ndarray:
+    """Boxes (..., 4) [x0, y0, x1, y1] in source pixels -> decoded-frame pixels."""
+    scale, tx, ty = transform
+    offset = np.array([tx, ty, tx, ty], np.float32)
+    return (boxes.astype(np.float32) * scale + offset).astype(np.float32)
+
+
+def audio_samples_per_clip(clip_frames: int, fps: float, sample_rate: int) -> int:
+    """N: audio samples aligned to one clip of `clip_frames` frames."""
+    return int(round(clip_frames * sample_rate / fps))
+
+
+def slice_audio(wave: np.ndarray, start_frame: int, clip_frames: int, fps: float, sample_rate: int) -> np.ndarray:
+    """The clip's audio (N,) float32 from the video's mono wave; zero-padded past the end of the audio."""
+    num = audio_samples_per_clip(clip_frames, fps, sample_rate)
+    start = int(round(start_frame * sample_rate / fps))
+    out = np.zeros(num, np.float32)
+    piece = wave[start:start + num]
+    out[: len(piece)] = piece
+    return out
+
+
+def motion_mask(frames: np.ndarray, delta: float, factor: int) -> np.ndarray:
+    """DanceLCM motion mask: uint8 (B, T, H, W, 3) -> float32 (B, T, H/f, W/f) in [0, 1].
+
+    A pixel moves at frame t when max_c |f_t - f_{t+1}| > delta or max_c |f_t - f_{t-1}| > delta
+    (intensities in [0, 1]); the binary mask is average-pooled by `factor` to latent resolution, so each
+    cell holds the fraction of its pixels that move.
+    """
+    batch, num_frames, height, width, _ = frames.shape
+    signed = frames.astype(np.int16)
+    step = np.abs(np.diff(signed, axis=1)).max(axis=-1) > delta * 255.0  # (B, T-1, H, W): t vs t+1
+    moving = np.zeros((batch, num_frames, height, width), bool)
+    moving[:, :-1] |= step
+    moving[:, 1:] |= step
+    pooled = moving.reshape(batch, num_frames, height // factor, factor, width // factor, factor)
+    return pooled.mean(axis=(3, 5), dtype=np.float32)
+
+
+def fill_missing_boxes(boxes: np.ndarray) -> tuple[np.ndarray, float]:
+    """Boxes (T, 4) with NaN rows where nothing was found -> linearly interpolated (T, 4), found fraction.
+
+    With no box at all the result is all-NaN and the fraction 0.
+    """
+    found = ~np.isnan(boxes).any(axis=1)
+    fraction = float(found.mean()) if len(boxes) else 0.0
+    if not found.any() or found.all():
+        return boxes.astype(np.float32), fraction
+    steps, known = np.arange(len(boxes)), np.flatnonzero(found)
+    filled = np.stack([np.interp(steps, known, boxes[known, k]) for k in range(4)], axis=1)
+    return filled.astype(np.float32), fraction
+
+
+def smooth_boxes(boxes: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average (edge-padded) of box centre and size over time: (T, 4) -> (T, 4)."""
+    if window <= 1 or len(boxes) < 2:
+        return boxes.astype(np.float32)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    size = boxes[:, 2:] - boxes[:, :2]
+    track = np.concatenate([centre, size], axis=1)
+    half = window // 2
+    padded = np.pad(track, ((half, half), (0, 0)), mode="edge")
+    kernel = np.ones(window) / window
+    smoothed = np.stack([np.convolve(padded[:, k], kernel, mode="valid") for k in range(4)], axis=1)
+    centre, size = smoothed[:, :2], smoothed[:, 2:]
+    return np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
+
+
+def crop_faces(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float) -> np.ndarray:
+    """Square crops around each box: uint8 (T, H, W, 3), boxes (T, 4) -> uint8 (T, size, size, 3).
+
+    The square's edge is margin * max(box w, h) around the box centre; outside the frame is black.
+    One affine warp per frame (cv2 has no batched warp).
+    """
+    crops = np.zeros((len(frames), size, size, 3), np.uint8)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+    edge = np.maximum((boxes[:, 2:] - boxes[:, :2]).max(axis=1) * margin, 1.0)
+    scale = size / edge
+    for t, frame in enumerate(frames):
+        shift = size / 2.0 - centre[t] * scale[t]
+        affine = np.array([[scale[t], 0, shift[0]], [0, scale[t], shift[1]]], np.float64)
+        crops[t] = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_AREA,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return crops
+
+
+@lru_cache(maxsize=1)
+def _haar_cascade() -> cv2.CascadeClassifier:
+    """OpenCV's bundled frontal-face Haar cascade, loaded once per worker process."""
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    if cascade.empty():
+        raise RuntimeError(f"could not load the Haar cascade from {cv2.data.haarcascades}")
+    return cascade
+
+
+def detect_faces_haar(frames: np.ndarray, min_side: int = 192) -> np.ndarray:
+    """Largest Haar face per frame: uint8 (T, H, W, 3) -> float32 (T, 4) boxes, NaN rows where none.
+
+    Frames are upscaled so the short side is at least `min_side`: the cascade's 24x24 window
+    cannot see the few-pixel faces of small frames otherwise.
+    """
+    cascade = _haar_cascade()
+    upscale = max(1.0, min_side / min(frames.shape[1:3]))
+    boxes = np.full((len(frames), 4), np.nan, np.float32)
+    for t, frame in enumerate(frames):
+        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        if upscale > 1.0:
+            gray = cv2.resize(gray, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
+        found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4)
+        if len(found):
+            x, y, w, h = max(found, key=lambda r: r[2] * r[3])
+            boxes[t] = np.array([x, y, x + w, y + h], np.float32) / upscale
+    return boxes

@@ -1,0 +1,338 @@
+"""The Ray Data UDFs of the preprocessing pipeline, one per stage, and the stream's row layout.
+
+Every row in the stream has the same columns, whether it is a clip or an error: an error row carries
+zero-filled tensors and a non-empty ``error_stage`` / ``error_reason``. Uniform rows keep every block
+on one fixed-shape Arrow schema (Ray Data's table builder cannot mix them), and let every stage
+pass errors through untouched; the writer splits clips from errors at the end. Each stage catches
+exceptions per clip and turns them into error rows, so one bad input never fails a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from model.audio import audio_features
+from model.media import MediaError, decode_audio, decode_video, probe
+from model.pose import render_pose
+from model.storage import Storage, StorageError
+from ray_jobs.preprocess import stages
+from ray_jobs.preprocess.config import PreprocessConfig
+
+__all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "decode_clips", "error_row",
+           "add_audio_features", "add_pose", "add_face_track", "add_motion_mask", "VaeEncoder", "write_shard"]
+
+log = logging.getLogger("ray_jobs.preprocess")
+
+# The shard schema of docs/design.md, in column order; the VAE adds LATENT_COLUMNS.
+SHARD_COLUMNS: tuple[str, ...] = (
+    "video_id", "clip_index", "source", "identity_id", "split", "start_frame", "fps",
+    "frames", "ref_frame", "keypoints", "pose", "audio", "audio_feats", "has_audio",
+    "face_boxes", "face_crops", "has_face", "motion_mask", "mouth_openness")
+LATENT_COLUMNS: tuple[str, ...] = ("latents", "ref_latent", "face_latents")
+# One summary row per stream row comes back to the driver (no tensors).
+SUMMARY_COLUMNS: tuple[str, ...] = ("source", "video_id", "clip_index", "source_sha256", "error_stage",
+                                    "error_reason", "shard")
+
+
+class StageError(Exception):
+    """A per-input failure that becomes an error row: `stage` names the step, `reason` the cause."""
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"{stage}: {reason}")
+        self.stage, self.reason = stage, reason
+
+
+# ----------------------------------------------------------------------------------- decode / clip
+def _row_template(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Zero-filled tensors of the decode stage's columns (fixed shapes from the config)."""
+    t, h, w = cfg.clip_frames, cfg.height, cfg.width
+    samples = stages.audio_samples_per_clip(t, cfg.fps, cfg.audio.features.sample_rate)
+    return {"frames": np.zeros((t, h, w, 3), np.uint8), "ref_frame": np.zeros((h, w, 3), np.uint8),
+            "keypoints": np.zeros((t, 17, 3), np.float32), "face_boxes": np.zeros((t, 4), np.float32),
+            "mouth_openness": np.full(t, np.nan, np.float32), "audio": np.zeros(samples, np.float32),
+            "has_audio": False, "has_keypoints": False, "has_face_boxes": False}
+
+
+def error_row(cfg: PreprocessConfig, item: dict, stage: str, reason: str, sha256: str = "") -> dict[str, Any]:
+    """The stream row of an input that failed before clipping (clip_index -1)."""
+    return {"source": item["source"], "video_id": Path(item["source"]).stem, "clip_index": -1,
+            "identity_id": "unknown", "split": "unknown", "start_frame": -1, "fps": float(cfg.fps),
+            "source_sha256": sha256, "error_stage": stage, "error_reason": reason, **_row_template(cfg)}
+
+
+def decode_clips(item: dict, cfg: PreprocessConfig) -> list[dict[str, Any]]:
+    """flat_map UDF: one input file -> one row per clip, or one error row (never raises)."""
+    storage = Storage(cfg.storage)
+    try:
+        rows = _decode_clips(item, cfg, storage)
+        log.info("%s: %d clips", item["source"], len(rows))
+        return rows
+    except StageError as exc:
+        log.warning("%s: %s failed: %s", item["source"], exc.stage, exc.reason)
+        return [error_row(cfg, item, exc.stage, exc.reason, getattr(exc, "sha256", ""))]
+    except Exception as exc:  # an unforeseen bad input must still never stop the job
+        log.exception("%s: unexpected decode failure", item["source"])
+        return [error_row(cfg, item, "decode", f"{type(exc).__name__}: {exc}")]
+
+
+def _decode_clips(item: dict, cfg: PreprocessConfig, storage: Storage) -> list[dict[str, Any]]:
+    sidecar = _read_sidecar(storage, item["sidecar"])
+    with storage.local_copy(item["source"]) as path:
+        sha256 = _sha256(path)
+        try:
+            info, frames = _decode_media(path, cfg)
+            wave = _decode_wave(path, info, cfg)
+        except StageError as exc:
+            exc.sha256 = sha256
+            raise
+    starts = stages.clip_starts(len(frames), cfg.clip_frames, cfg.stride)
+    if not len(starts):
+        exc = StageError("clip", f"shorter than one clip: {len(frames)} frames at {cfg.fps:g} fps "
+                                 f"< clip_frames={cfg.clip_frames}")
+        exc.sha256 = sha256
+        raise exc
+    tracks = _sidecar_tracks(sidecar, info, cfg, len(frames))
+    base = {"source": item["source"], "video_id": str(sidecar.get("video_id") or Path(item["source"]).stem),
+            "identity_id": str(sidecar.get("identity_id", "unknown")), "split": str(sidecar.get("split", "unknown")),
+            "fps": float(cfg.fps), "source_sha256": sha256, "error_stage": "", "error_reason": "",
+            "ref_frame": frames[0], "has_audio": wave is not None, **tracks["flags"]}
+    rate = cfg.audio.features.sample_rate
+    silent = np.zeros(0, np.float32)
+    rows = []
+    for index, start in enumerate(starts.tolist()):
+        window = slice(start, start + cfg.clip_frames)
+        audio = stages.slice_audio(wave if wave is not None else silent, start, cfg.clip_frames, cfg.fps, rate)
+        rows.append({**base, "clip_index": index, "start_frame": start, "frames": frames[window],
+                     "audio": audio, **{k: v[window] for k, v in tracks["per_frame"].items()}})
+    return rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_sidecar(storage: Storage, uri: str) -> dict:
+    """The sidecar JSON object ({} when the video has none); unreadable -> StageError('sidecar')."""
+    if not uri:
+        return {}
+    try:
+        data = storage.read_json(uri)
+    except (StorageError, UnicodeDecodeError) as exc:
+        raise StageError("sidecar", f"unreadable sidecar {uri}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StageError("sidecar", f"sidecar {uri} is not a JSON object")
+    return data
+
+
+def _decode_media(path: Path, cfg: PreprocessConfig):
+    """(MediaInfo, frames uint8 (N, H, W, 3)) at the target fps/size: one ffmpeg run per video."""
+    try:
+        info = probe(path)
+    except MediaError as exc:
+        raise StageError("probe", exc.reason) from exc
+    if not info.has_video:
+        raise StageError("probe", "no video stream")
+    try:
+        frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit)
+    except MediaError as exc:
+        raise StageError("decode", exc.reason) from exc
+    return info, frames
+
+
+def _decode_wave(path: Path, info, cfg: PreprocessConfig) -> np.ndarray | None:
+    """The video's mono wave at the feature sample rate; None for a silent video when allowed."""
+    if not info.has_audio:
+        if cfg.audio.allow_silent:
+            return None
+        raise StageError("audio", "no audio stream (set audio.allow_silent=true to keep silent videos)")
+    try:
+        return decode_audio(path, cfg.audio.features.sample_rate)
+    except MediaError as exc:
+        raise StageError("audio", exc.reason) from exc
+
+
+def _sidecar_tracks(sidecar: dict, info, cfg: PreprocessConfig, num_frames: int) -> dict:
+    """Sidecar keypoints / face boxes / mouth track resampled to the decoded frames and geometry."""
+    src_fps = float(sidecar.get("fps") or info.fps)
+    src_size = (int(sidecar.get("width") or info.width), int(sidecar.get("height") or info.height))
+    transform = stages.fit_transform(src_size, (cfg.width, cfg.height), cfg.fit)
+    per_frame = {"keypoints": np.zeros((num_frames, 17, 3), np.float32),
+                 "face_boxes": np.zeros((num_frames, 4), np.float32),
+                 "mouth_openness": np.full(num_frames, np.nan, np.float32)}
+    flags = {"has_keypoints": False, "has_face_boxes": False}
+    try:
+        if "keypoints" in sidecar:
+            points = _track(sidecar["keypoints"], (17, 3), src_fps, cfg.fps, num_frames)
+            per_frame["keypoints"], flags["has_keypoints"] = stages.transform_points(points, transform), True
+        if "face_boxes" in sidecar:
+            boxes = _track(sidecar["face_boxes"], (4,), src_fps, cfg.fps, num_frames)
+            per_frame["face_boxes"], flags["has_face_boxes"] = stages.transform_boxes(boxes, transform), True
+        if "mouth_openness" in sidecar:
+            per_frame["mouth_openness"] = _track(sidecar["mouth_openness"], (), src_fps, cfg.fps, num_frames)
+    except (TypeError, ValueError) as exc:
+        raise StageError("sidecar", f"malformed sidecar track: {exc}") from exc
+    return {"per_frame": per_frame, "flags": flags}
+
+
+def _track(values: Any, frame_shape: tuple[int, ...], src_fps: float, dst_fps: float, num_frames: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim != 1 + len(frame_shape) or array.shape[1:] != frame_shape or not len(array):
+        raise ValueError(f"expected (N, {', '.join(map(str, frame_shape))}) per-frame values, got {array.shape}")
+    return stages.resample_track(array, src_fps, dst_fps, num_frames)
+
+
+# ------------------------------------------------------------------------------ per-clip stages
+def _for_each_clip(batch: dict, stage: str, column: str, shape: tuple, dtype, fn: Callable[[int], Any]) -> None:
+    """Fill batch[column] (B, *shape) with fn(i) for each good row; a raising row becomes an error row."""
+    errors = batch["error_stage"].astype(object)
+    reasons = batch["error_reason"].astype(object)
+    out = np.zeros((len(errors), *shape), dtype)
+    for i in range(len(errors)):
+        if errors[i]:
+            continue
+        try:
+            out[i] = fn(i)
+        except Exception as exc:  # per-clip failure: keep the job going, record why
+            errors[i], reasons[i] = stage, f"{type(exc).__name__}: {exc}"
+            log.warning("%s clip %s: %s failed: %s", batch["source"][i], batch["clip_index"][i], stage, exc)
+    batch["error_stage"], batch["error_reason"], batch[column] = errors, reasons, out
+
+
+def add_audio_features(batch: dict, cfg: PreprocessConfig) -> dict:
+    """map_batches UDF: `audio_feats` (B, T, W, n_mels); zeros for silent clips (has_audio False)."""
+    feat_cfg = cfg.audio.features
+    shape = (cfg.clip_frames, feat_cfg.window, feat_cfg.n_mels)
+
+    def features(i: int) -> np.ndarray:
+        if not batch["has_audio"][i]:
+            return np.zeros(shape, np.float32)
+        return audio_features(batch["audio"][i], cfg.fps, cfg.clip_frames, feat_cfg)
+
+    _for_each_clip(batch, "audio_features", "audio_feats", shape, np.float32, features)
+    return batch
+
+
+def add_pose(batch: dict, cfg: PreprocessConfig) -> dict:
+    """map_batches UDF: keypoints from the sidecar or the configured extractor; `pose` (B, T, H, W, 3)."""
+    keypoints = np.array(batch["keypoints"], np.float32)
+
+    def pose(i: int) -> np.ndarray:
+        if not batch["has_keypoints"][i]:
+            keypoints[i] = _extract_keypoints(batch["frames"][i], cfg)
+        return render_pose(keypoints[i], cfg.height, cfg.width, cfg.pose.render_conf_threshold)
+
+    _for_each_clip(batch, "pose", "pose", (cfg.clip_frames, cfg.height, cfg.width, 3), np.uint8, pose)
+    batch["keypoints"] = keypoints
+    return batch
+
+
+def _extract_keypoints(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    if cfg.pose.extractor == "none":
+        raise StageError("pose", "no sidecar keypoints and pose.extractor='none'")
+    from ray_jobs.preprocess.pose import load_extractor
+
+    extractor = load_extractor(cfg.pose.model_path, tuple(cfg.pose.input_size), cfg.storage.model_dump_json())
+    return extractor(frames)
+
+
+def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
+    """map_batches UDF: smoothed `face_boxes` (B, T, 4), `face_crops` (B, T, Hf, Wf, 3), `has_face` (B,)."""
+    face = cfg.face
+    boxes_out = np.zeros((len(batch["source"]), cfg.clip_frames, 4), np.float32)
+    has_face = np.zeros(len(batch["source"]), bool)
+
+    def crop(i: int) -> np.ndarray:
+        frames = batch["frames"][i]
+        raw = batch["face_boxes"][i] if batch["has_face_boxes"][i] else stages.detect_faces_haar(frames)
+        filled, found = stages.fill_missing_boxes(np.asarray(raw, np.float32))
+        if found < face.min_detect_fraction:
+            return np.zeros((cfg.clip_frames, face.size, face.size, 3), np.uint8)  # no face: flag, zeros
+        boxes_out[i] = stages.smooth_boxes(filled, face.smooth_frames)
+        has_face[i] = True
+        return stages.crop_faces(frames, boxes_out[i], face.size, face.margin)
+
+    _for_each_clip(batch, "face", "face_crops", (cfg.clip_frames, face.size, face.size, 3), np.uint8, crop)
+    batch["face_boxes"], batch["has_face"] = boxes_out, has_face
+    return batch
+
+
+def add_motion_mask(batch: dict, cfg: PreprocessConfig) -> dict:
+    """map_batches UDF: DanceLCM `motion_mask` (B, T, h, w), vectorised over the batch."""
+    batch["motion_mask"] = stages.motion_mask(np.asarray(batch["frames"]), cfg.motion_delta, cfg.latent_spatial_factor)
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ VAE
+class VaeEncoder:
+    """Actor-pool UDF: loads the VAE once in __init__, encodes frames, ref frame and face crops per batch."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        import torch
+
+        from model.vae import load_vae
+
+        self.cfg = cfg
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = cfg.vae.path
+        if path is not None and Storage.is_s3(path):
+            with Storage(cfg.storage).local_copy(path, require_manifest=False) as local:
+                self.vae = load_vae(str(local), device=device)
+        else:
+            self.vae = load_vae(path, device=device)
+        if self.vae.spatial_factor != cfg.latent_spatial_factor:
+            raise ValueError(f"VAE spatial factor {self.vae.spatial_factor} != latent_spatial_factor "
+                             f"{cfg.latent_spatial_factor}: motion masks would not match the latents")
+
+    def _shape(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        factor = self.vae.spatial_factor
+        return (self.vae.latent_channels, self.vae.num_latent_frames(frames), height // factor, width // factor)
+
+    def _encode(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
+        """uint8 (B, T, H, W, 3) -> float32 (B, C, t, h, w); rows not `good` stay zero."""
+        out = np.zeros((len(pixels), *self._shape(*pixels.shape[1:4])), np.float32)
+        if good.any():
+            out[good] = self.vae.encode(np.ascontiguousarray(pixels[good])).cpu().numpy()
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        good = batch["error_stage"].astype(object) == ""
+        batch["latents"] = self._encode(np.asarray(batch["frames"]), good)
+        batch["ref_latent"] = self._encode(np.asarray(batch["ref_frame"])[:, None], good)
+        batch["face_latents"] = self._encode(np.asarray(batch["face_crops"]), good)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------- writer
+def write_shard(table, cfg: PreprocessConfig, shard_dir: str):
+    """map_batches UDF (pyarrow batches): good rows -> one Parquet shard; returns the summary rows.
+
+    The shard's name hashes its (source, clip_index) list, so a retried task overwrites the same file
+    instead of adding a duplicate. We write the Parquet ourselves instead of `Dataset.write_parquet`
+    because the same pass must also split off the error rows and report which clips landed where.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    good = pc.equal(table["error_stage"], "")
+    columns = SHARD_COLUMNS + (LATENT_COLUMNS if cfg.vae.enabled else ())
+    clips = table.filter(good).select(list(columns))
+    shard_name = ""
+    if clips.num_rows:
+        keys = "\n".join(f"{s}#{c}" for s, c in zip(clips["source"].to_pylist(), clips["clip_index"].to_pylist()))
+        shard_name = f"part-{hashlib.sha1(keys.encode()).hexdigest()[:16]}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(clips, sink)
+        Storage(cfg.storage).write_bytes(Storage(cfg.storage).join(shard_dir, shard_name), sink.getvalue().to_pybytes())
+    shard = pc.if_else(good, pa.scalar(shard_name), pa.scalar(""))
+    summary = table.select([c for c in SUMMARY_COLUMNS if c != "shard"]).append_column("shard", shard)
+    return summary
