@@ -219,6 +219,7 @@ def test_pyarrow_parquet_on_s3_and_endpoint_from_env(storage, s3_bucket, s3_serv
     assert from_env.client.meta.endpoint_url == s3_server.endpoint_url
     env_fs, env_path = from_env.arrow_path(f"{s3_bucket}/shards")
     assert pq.read_table(env_path, filesystem=env_fs).to_pydict() == table.to_pydict()
+    assert FAKE_SECRET_KEY.encode() not in pickle.dumps(env_fs)  # shipped to Ray workers as is
     local_fs, local_path = storage.arrow_path("relative/dir")
     assert type(local_fs).__name__ == "LocalFileSystem" and os.path.isabs(local_path)
 
