@@ -1,0 +1,81 @@
+"""Config sections shared by the three training jobs (teacher, TPO, distillation)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from model.config import StrictConfig
+from model.presets import ModelConfig
+from model.storage import StorageConfig
+from ray_jobs.common import RayConfig, WorkerScaling
+
+__all__ = ["DeepSpeedSection", "OptimSection", "CheckpointSection", "RunSection", "TrainJobConfig"]
+
+
+class DeepSpeedSection(StrictConfig):
+    """DeepSpeed settings; the JSON config is generated from these (see `deepspeed_config`)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage; 2 by default, 1 and 3 selectable")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0)
+    raw_override: dict[str, Any] = Field(
+        default_factory=dict,
+        description="escape hatch: deep-merged over the generated DeepSpeed JSON (e.g. "
+        "{'zero_optimization': {'offload_optimizer': {'device': 'cpu'}}})",
+    )
+
+
+class OptimSection(StrictConfig):
+    """AdamW with linear warmup then constant."""
+
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class CheckpointSection(StrictConfig):
+    """When checkpoints and validation samples are written."""
+
+    every_n_steps: int = Field(50, ge=1, description="DeepSpeed state + exported model every N steps (and at the end)")
+    num_to_keep: int | None = Field(2, ge=1, description="Ray Train keeps this many latest checkpoints")
+    validate_every_n_steps: int | None = Field(None, ge=1, description="validation sample MP4 + PSNR/SSIM; None = only at the end")
+
+
+class RunSection(StrictConfig):
+    """Where a run lives: `{storage_path}/{name}`. Re-running with the same name resumes it."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = Field("outputs/runs", description="local folder or s3:// prefix")
+    max_failures: int = Field(1, ge=-1, description="worker failures Ray Train recovers from (FailureConfig)")
+    seed: int = 0
+    fail_at_step: int | None = Field(
+        None, ge=1, description="testing aid: worker rank 1 (or 0 if alone) raises once at this step"
+    )
+    tensorboard: bool = False
+
+
+class TrainJobConfig(StrictConfig):
+    """Fields every training job has; each job subclasses it and adds its objective section."""
+
+    data: str = Field("outputs/shards", description="preprocessed shards (folder or s3:// prefix)")
+    steps: int = Field(100, ge=1, description="optimizer steps in total (resume continues to this)")
+    batch_size: int = Field(2, ge=1, description="clips per worker per micro-step")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    run: RunSection = Field(default_factory=RunSection)
+    scaling: WorkerScaling = Field(default_factory=WorkerScaling)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_failure_step(self) -> "TrainJobConfig":
+        if self.run.fail_at_step is not None and self.run.fail_at_step > self.steps:
+            raise ValueError(f"run.fail_at_step ({self.run.fail_at_step}) is beyond steps ({self.steps})")
+        return self

@@ -1,0 +1,235 @@
+"""The Ray Train worker loop shared by the teacher, TPO and distillation jobs.
+
+A job plugs in a `TrainTask` (build the model, pick trainable parameters, compute one micro-step's
+loss, export weights); this module owns everything around it, identically for every job:
+
+1. DeepSpeed engine from our typed config (ZeRO 1-3, bf16 on GPU / fp32 on CPU, accumulation);
+2. resume from `ray.train.get_checkpoint()` (DeepSpeed state, EMA shards, step, metrics so far);
+3. batches from `ray.train.get_dataset_shard("train").iter_torch_batches(...)`, epoch after epoch;
+4. per-step metrics (loss, lr, grad norm, samples/s, task metrics) through `ray.train.report` and
+   into `{run}/metrics.jsonl` (rank 0);
+5. every `checkpoint.every_n_steps`: each rank's DeepSpeed/EMA files into one Ray Train checkpoint,
+   plus (rank 0) the exported EMA model and `train_state.json`; the export is also published to
+   `{run}/export/` so the next job finds it by run name;
+6. failure injection for tests (`run.fail_at_step`), once per run thanks to a marker object.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from model.storage import Storage
+from ray_jobs.training.config import TrainJobConfig
+from ray_jobs.training.ema import EMA
+from ray_jobs.training.engine import deepspeed_config, initialize_engine, resolve_precision
+
+__all__ = ["TrainTask", "run_worker_loop", "run_dir", "InjectedFailure"]
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `run.fail_at_step` to test fault tolerance."""
+
+
+class TrainTask(Protocol):
+    """What a training job plugs into the shared loop."""
+
+    ema_decay: float | None
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict] | list[torch.nn.Parameter]: ...
+
+    def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None: ...
+
+    def micro_step(self, engine: Any, batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Rank 0: write the next job's artifact (diffusers folder / peft adapters) from ``weights``
+        (full trainable weights by parameter name: the EMA when kept)."""
+
+    def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]: ...
+
+
+def run_dir(cfg: TrainJobConfig) -> str:
+    return Storage(cfg.storage).join(cfg.run.storage_path, cfg.run.name)
+
+
+def _batches(batch_size: int, columns: list[str] | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless stream of worker-local batches, epoch after epoch."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            empty = False
+            yield {k: v for k, v in batch.items() if columns is None or k in columns}
+        if empty:
+            raise RuntimeError(f"worker's dataset shard has fewer than batch_size={batch_size} rows")
+
+
+def _resume(engine: Any, ema: EMA | None, rank: int) -> tuple[int, list[str]]:
+    """Load the latest Ray Train checkpoint into the engine and EMA; return (step, metrics lines)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag="ds", load_module_strict=True)
+        if ema is not None:
+            ema.load(folder, rank)
+        state = json.loads((Path(folder) / "train_state.json").read_text())
+        lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
+    log.info("rank %d resumed at step %d", rank, state["step"])
+    return int(state["step"]), [ln for ln in lines if json.loads(ln)["step"] <= state["step"]]
+
+
+def _maybe_inject_failure(cfg: TrainJobConfig, storage: Storage, step: int, rank: int, world: int) -> None:
+    if cfg.run.fail_at_step != step or rank != min(1, world - 1):
+        return
+    marker = storage.join(run_dir(cfg), "_injected_failure")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"failed once at step {step}\n")
+    raise InjectedFailure(f"injected failure at step {step} on rank {rank}")
+
+
+def _save_checkpoint(ctx: dict, step: int, metrics: dict, lines: list[str]) -> None:
+    """Every rank writes its DeepSpeed/EMA files; rank 0 adds state, metrics and the export."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    engine, ema, task, rank, storage, cfg = (ctx[k] for k in ("engine", "ema", "task", "rank", "storage", "cfg"))
+    weights = _export_weights(engine, ema, cfg.deepspeed.zero_stage)  # collective under ZeRO-3
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
+        engine.save_checkpoint(folder, tag="ds")
+        if ema is not None:
+            ema.save(folder, rank)
+        if rank == 0:
+            Path(folder, "train_state.json").write_text(json.dumps({"step": step, "job": type(task).__name__}))
+            Path(folder, "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
+            export_dir = Path(folder) / "export"
+            task.export(_unwrapped(engine), weights, export_dir)
+            storage.upload_dir(str(export_dir), storage.join(run_dir(cfg), "export"))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def _export_weights(engine: Any, ema: EMA | None, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full trainable weights to export: the EMA when kept, else the live ones (gathered on ZeRO-3)."""
+    if ema is not None:
+        return ema.full_state_dict()
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if zero_stage != 3:
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+
+def _unwrapped(engine: Any) -> torch.nn.Module:
+    return engine.module
+
+
+def _setup(cfg: TrainJobConfig, task: TrainTask) -> dict:
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts)
+    model = task.build_model()
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.batch_size, world, cfg.scaling.use_gpu)
+    engine = initialize_engine(model, task.param_groups(model), cfg.optim, ds_cfg)
+    dtype = torch.bfloat16 if resolve_precision(cfg.deepspeed, cfg.scaling.use_gpu) == "bf16" else torch.float32
+    task.on_engine_ready(engine, engine.device, dtype)
+    ema = EMA(engine.module, task.ema_decay, cfg.deepspeed.zero_stage) if task.ema_decay is not None else None
+    return {"engine": engine, "ema": ema, "task": task, "rank": rank, "world": world,
+            "storage": Storage(cfg.storage), "cfg": cfg}
+
+
+def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | None = None) -> None:
+    """Body of `train_loop_per_worker` for every training job (see module docstring)."""
+    import ray.train
+
+    ctx = _setup(cfg, task)
+    engine, ema, rank, world, storage = (ctx[k] for k in ("engine", "ema", "rank", "world", "storage"))
+    start_step, lines = _resume(engine, ema, rank)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step)
+    batches = _batches(cfg.batch_size, columns)
+    metrics_uri = storage.join(run_dir(cfg), "metrics.jsonl")
+    for step in range(start_step + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        step_metrics = _optimizer_step(engine, task, batches, generator, cfg.deepspeed.gradient_accumulation_steps)
+        if ema is not None:
+            ema.update()
+        _maybe_inject_failure(cfg, storage, step, rank, world)
+        seconds = time.perf_counter() - t0
+        samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world
+        metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
+                   "samples_per_s": samples / seconds, "step_time_s": seconds, **step_metrics}
+        lines.append(json.dumps(metrics))
+        if rank == 0:
+            storage.write_text(metrics_uri, "".join(ln + "\n" for ln in lines))
+        if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps:
+            _maybe_validate(ctx, step, metrics)
+            _save_checkpoint(ctx, step, metrics, lines)
+        else:
+            ray.train.report(metrics)
+
+
+def _optimizer_step(engine: Any, task: TrainTask, batches: Iterator, generator: torch.Generator, accum: int) -> dict:
+    """``accum`` micro-steps; DeepSpeed steps the optimizer at the accumulation boundary."""
+    totals: dict[str, float] = {}
+    for _ in range(accum):
+        loss, metrics = task.micro_step(engine, next(batches), generator)
+        engine.backward(loss)
+        engine.step()
+        for key, value in {"loss": float(loss.detach()), **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + value / accum
+    return totals
+
+
+def _grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _maybe_validate(ctx: dict, step: int, metrics: dict) -> None:
+    """Rank 0 writes a validation sample (with the EMA weights when kept) at checkpoint steps."""
+    cfg, task, rank, ema, engine, storage = (ctx[k] for k in ("cfg", "task", "rank", "ema", "engine", "storage"))
+    every = cfg.checkpoint.validate_every_n_steps
+    if not ((every and step % every == 0) or step == cfg.steps):
+        return
+    if ema is not None and ema.zero3:
+        return  # a ZeRO-3 module cannot run unpartitioned on one rank; the exported folder is the check
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory(prefix="val-") as folder:
+        model = _unwrapped(engine)
+        swap = ema.swapped_into(model) if ema is not None else _null_context(model)
+        with swap:
+            values = task.validate(model, step, Path(folder))
+        if any(Path(folder).iterdir()):
+            storage.upload_dir(folder, storage.join(run_dir(cfg), "validation", f"step_{step:06d}"))
+    metrics.update({f"val_{k}": v for k, v in values.items()})
+
+
+class _null_context:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return False
