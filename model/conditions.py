@@ -1,0 +1,149 @@
+"""The denoiser's conditions: one dataclass every stage passes to ``model(x, sigma, cond)``.
+
+Shapes (B batch, C latent channels, T video frames, T_lat latent frames, h, w latent size,
+H, W pixel size, W_a audio window rows, M mel bins):
+
+* ``ref_latent`` (B, C, 1, h, w): VAE latent of the reference image (the video's first frame).
+* ``pose`` (B, 3, T, H, W) float in [-1, 1]: rendered skeleton maps, one per video frame.
+* ``audio`` (B, T, W_a, M): log-mel windows per video frame (`model.audio.audio_features`).
+* ``face`` (B, C, T_lat, hf, wf): VAE latents of the face crops (already at latent frame rate).
+* ``keep``: per condition a bool (B,) mask; False = that sample uses the condition's learned null
+  (classifier-free guidance, condition dropout, missing audio/face). A condition that is None is
+  dropped for every sample.
+
+Every method returns a new object; tensors are never modified in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+
+__all__ = ["Conditions", "CONDITION_NAMES"]
+
+CONDITION_NAMES: tuple[str, ...] = ("ref", "pose", "audio", "face")
+_TENSOR_OF = {"ref": "ref_latent", "pose": "pose", "audio": "audio", "face": "face"}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Reference latent, pose maps, audio windows, face latents and per-sample keep masks."""
+
+    ref_latent: torch.Tensor | None = None
+    pose: torch.Tensor | None = None
+    audio: torch.Tensor | None = None
+    face: torch.Tensor | None = None
+    keep: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.keep) - set(CONDITION_NAMES)
+        if unknown:
+            raise ValueError(f"keep has unknown condition names {sorted(unknown)}; known: {CONDITION_NAMES}")
+        sizes = {name: t.shape[0] for name, t in self._tensors().items() if t is not None}
+        sizes.update({f"keep[{name}]": m.shape[0] for name, m in self.keep.items()})
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"conditions disagree on batch size: {sizes}")
+        for name, mask in self.keep.items():
+            if mask.dtype != torch.bool or mask.ndim != 1:
+                raise ValueError(f"keep[{name!r}] must be a bool tensor of shape (B,), got {mask.dtype} {tuple(mask.shape)}")
+        if self.pose is not None and self.pose.shape[1] != 3:
+            raise ValueError(f"pose must be (B, 3, T, H, W), got {tuple(self.pose.shape)}")
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {name: getattr(self, attr) for name, attr in _TENSOR_OF.items()}
+
+    @property
+    def batch_size(self) -> int:
+        """B, taken from any present tensor or mask."""
+        for tensor in list(self._tensors().values()) + list(self.keep.values()):
+            if tensor is not None:
+                return int(tensor.shape[0])
+        raise ValueError("empty Conditions has no batch size")
+
+    def keep_mask(self, name: str, device: torch.device | None = None) -> torch.Tensor:
+        """(B,) bool: which samples use condition `name` (all False when its tensor is None)."""
+        if name not in CONDITION_NAMES:
+            raise KeyError(f"unknown condition {name!r}; known: {CONDITION_NAMES}")
+        batch = self.batch_size
+        device = device if device is not None else next(
+            (t.device for t in self._tensors().values() if t is not None), torch.device("cpu"))
+        if self._tensors()[name] is None:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        mask = self.keep.get(name)
+        return torch.ones(batch, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> "Conditions":
+        """Shard columns (docs/design.md) -> Conditions: uint8 pose (B,T,H,W,3) -> (B,3,T,H,W) in [-1,1]."""
+        if "ref_latent" not in batch:
+            raise KeyError("batch has no 'ref_latent' column (preprocess with the VAE on)")
+        ref = torch.as_tensor(batch["ref_latent"])
+        pose = _pose_to_float(torch.as_tensor(batch["pose"])) if "pose" in batch else None
+        audio = torch.as_tensor(batch["audio_feats"]) if "audio_feats" in batch else None
+        face = torch.as_tensor(batch["face_latents"]) if "face_latents" in batch else None
+        keep = {}
+        for name, flag in (("audio", "has_audio"), ("face", "has_face")):
+            if flag in batch:
+                keep[name] = torch.as_tensor(batch[flag]).reshape(-1).to(torch.bool)
+        return cls(ref, pose, audio, face, keep).to(device, dtype)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Conditions":
+        """Move tensors to `device` and float tensors to `dtype`; masks stay bool."""
+        moved = {attr: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                 for attr, t in ((a, getattr(self, a)) for a in _TENSOR_OF.values())}
+        keep = {name: mask.to(device) for name, mask in self.keep.items()}
+        return replace(self, keep=keep, **moved)
+
+    def drop(self, names: set[str] | frozenset[str] | list[str] | tuple[str, ...]) -> "Conditions":
+        """Drop the named conditions to their learned nulls for every sample (CFG's unconditional branch)."""
+        keep = dict(self.keep)
+        for name in names:
+            self.keep_mask(name)  # validates the name
+            keep[name] = torch.zeros(self.batch_size, dtype=torch.bool, device=self._device())
+        return replace(self, keep=keep)
+
+    def random_drop(self, probs: Mapping[str, float], generator: torch.Generator | None = None) -> "Conditions":
+        """Drop each condition independently per sample with probability probs[name] (condition dropout)."""
+        keep = dict(self.keep)
+        for name in sorted(probs):
+            p = float(probs[name])
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"drop probability for {name!r} must be in [0, 1], got {p}")
+            current = self.keep_mask(name, device=torch.device("cpu"))
+            draw = torch.rand(self.batch_size, generator=generator) >= p
+            keep[name] = (current & draw).to(self._device())
+        return replace(self, keep=keep)
+
+    def _device(self) -> torch.device:
+        return next((t.device for t in self._tensors().values() if t is not None), torch.device("cpu"))
+
+    def _full_keep(self) -> dict[str, torch.Tensor]:
+        return {name: self.keep_mask(name) for name in CONDITION_NAMES if self._tensors()[name] is not None}
+
+    @staticmethod
+    def cat(items: list["Conditions"]) -> "Conditions":
+        """Concatenate along the batch (e.g. [cond, cond.drop(...)] for one batched CFG call)."""
+        if not items:
+            raise ValueError("cat needs at least one Conditions")
+        present = [{n for n, t in c._tensors().items() if t is not None} for c in items]
+        if any(p != present[0] for p in present):
+            raise ValueError(f"cannot cat Conditions with different present conditions: {present}")
+        tensors = {attr: torch.cat([getattr(c, attr) for c in items]) if name in present[0] else None
+                   for name, attr in _TENSOR_OF.items()}
+        keeps = [c._full_keep() for c in items]
+        keep = {name: torch.cat([k[name] for k in keeps]) for name in keeps[0]}
+        return Conditions(keep=keep, **tensors)
+
+    def repeat(self, times: int) -> "Conditions":
+        """The batch repeated `times` times, [c, c, ...] (same order as torch.cat)."""
+        return Conditions.cat([self] * times)
+
+
+def _pose_to_float(pose_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pose maps (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
+    if pose_uint8.ndim != 5 or pose_uint8.shape[-1] != 3:
+        raise ValueError(f"pose column must be (B, T, H, W, 3), got {tuple(pose_uint8.shape)}")
+    return pose_uint8.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0

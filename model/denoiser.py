@@ -1,0 +1,406 @@
+"""The animation denoiser: diffusers' `WanTransformer3DModel` with our condition paths.
+
+``model(x, sigma, cond, return_aux=False) -> v``: x (B, C, T_lat, h, w) noisy latents, sigma (B,)
+in [0, 1] (Wan timestep = 1000 sigma), cond a `model.conditions.Conditions`; v the flow-matching
+velocity (eps - x0) of x's shape. With ``return_aux=True`` (aux head on) it returns (v, x0_aux).
+
+Why `WanTransformer3DModel` and not `WanAnimateTransformer3DModel`
+-------------------------------------------------------------------
+`AnimationDenoiser` subclasses `WanTransformer3DModel` and runs its blocks itself. Wan-Animate's
+class hard-wires conditions we cannot feed: a StyleGAN-style motion encoder on 512 px face *pixels*,
+pose as *VAE latents* of the pose video, CLIP image tokens, a 36-channel (2C + 4) input, and no
+audio path; its forward cannot be hooked. We need pose from our own conv on skeleton pixels, face
+from VAE latents (DanceLCM), per-frame audio, learned nulls and an aux head, on a CPU-sized tiny
+config. We do borrow Wan-Animate's ideas and one of its modules:
+pose is added to the patch tokens (its ``pose_patch_embedding``), and every per-frame cross-attention
+(audio and face) is diffusers' `WanAnimateFaceBlockCrossAttention`, which reshapes tokens to
+(B * T_lat, h * w, D) and attends to that frame's condition tokens only, injected after every
+``*_every``-th block (Wan-Animate: every 5th). Subclassing keeps Wan's parameter names
+(``blocks.N.attn1.to_q``...), so Wan checkpoints and Wan LoRA targets map one to one, and
+`PeftAdapterMixin`/`ModelMixin` (LoRA, save/from_pretrained, gradient checkpointing) come for free.
+
+Conditions
+----------
+* reference latent (B, C, 1, h, w): channel concat, written in its exactly equivalent additive form
+  ``conv([x; ref]) = conv_x(x) + conv_ref(ref)`` — Wan's ``patch_embedding`` keeps its pretrained
+  16-channel shape and ``ref_embedding`` (zero-init) adds the ref's patch tokens to every frame.
+  Optionally (``ref_as_frame``) the ref latent is also prepended as an extra frame of tokens
+  (Wan-Animate's T + 1 layout); its output is dropped.
+* pose (B, 3, T, H, W) in [-1, 1]: `PoseEncoder`, strided convs down to the patch-token grid, then a
+  temporal conv grouping frames to latent frames; last layer zero-init; added to the patch tokens.
+* audio (B, T, W, M): each mel row -> a token (Linear + learned row position); frames grouped to
+  latent frames; per-frame cross-attention (zero-init output).
+* face (B, C, T_lat, hf, wf): patchified VAE latents -> per-frame cross-attention (zero-init output);
+  the whole path exists only with ``face_injection=True``.
+* every condition has a learned null used where ``cond.keep_mask(name)`` is False.
+Zero-init outputs mean a pretrained Wan loads and starts unchanged (up to the learned prompt).
+
+Frames vs latent frames: with VAE temporal factor tf > 1 (real Wan: 4, 81 frames -> 21 latents) the
+first video frame maps alone to latent frame 0 and then groups of tf frames to each next latent
+frame (Wan VAE's causal layout). We replicate frame 0 tf - 1 times in front, so every latent frame
+sees exactly tf frames of pose (temporal conv of stride tf) and tf * W audio tokens. tf = 1 (tiny
+VAE) is the identity grouping.
+
+Text: Wan's text cross-attention (attn2) is kept and fed ``num_context_tokens`` learned prompt
+tokens of ``text_dim`` (no umT5 here); `set_context_tokens` can load an encoded prompt for real
+checkpoints.
+
+Loading (see `load_transformer_weights`): every tensor whose name and shape match is loaded
+(blocks, time/text embedders, patch embedding, norm/proj out, scale-shift tables); a wider
+``patch_embedding`` (Wan-Animate's 36 input channels) loads its first ``in_channels`` channels (the
+noisy latent); everything else of ours (ref/pose/audio/face paths, nulls, prompt tokens, aux head) is
+initialised as in ``__init__`` and listed in the returned `LoadReport`; extra tensors of the source
+(Wan-Animate's motion/face encoders and face adapters, I2V image embedder and add_k/add_v
+projections) are listed as unused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan_animate import WanAnimateFaceBlockCrossAttention
+
+from model.conditions import Conditions
+
+__all__ = ["AnimationDenoiser", "PoseEncoder", "LoadReport", "load_transformer_weights", "group_frames"]
+
+
+def group_frames(frames: torch.Tensor, temporal_factor: int, dim: int = 1) -> torch.Tensor:
+    """Per-frame (.., T, ..) -> (.., T_lat, tf, ..): frame 0 alone (replicated), then groups of tf (Wan VAE)."""
+    if temporal_factor == 1:
+        return frames.unsqueeze(dim + 1)
+    num_frames = frames.shape[dim]
+    if (num_frames - 1) % temporal_factor:
+        raise ValueError(f"{num_frames} frames do not fit temporal factor {temporal_factor} (need 1 + k * {temporal_factor})")
+    first = frames.narrow(dim, 0, 1)
+    padded = torch.cat([first] * (temporal_factor - 1) + [frames], dim=dim)
+    shape = list(padded.shape)
+    shape[dim : dim + 1] = [shape[dim] // temporal_factor, temporal_factor]
+    return padded.reshape(shape)
+
+
+def _unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int]) -> torch.Tensor:
+    """Tokens (B, T'h'w', C p_t p_h p_w) -> video (B, C, T' p_t, h' p_h, w' p_w), Wan's layout."""
+    batch = tokens.shape[0]
+    tokens = tokens.reshape(batch, *grid, *patch, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return tokens.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+class PoseEncoder(nn.Module):
+    """Skeleton maps (B, 3, T, H, W) -> tokens grid (B, D, T_lat, H/down, W/down); last layer zero-init."""
+
+    def __init__(self, channels: tuple[int, ...], out_dim: int, temporal_factor: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for ch in channels:  # each stage halves H and W, per frame
+            layers += [nn.Conv3d(in_ch, ch, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.SiLU()]
+            in_ch = ch
+        self.spatial = nn.Sequential(*layers)
+        self.temporal_factor = temporal_factor
+        self.proj = nn.Conv3d(in_ch, out_dim, (temporal_factor, 1, 1), stride=(temporal_factor, 1, 1))
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, pose: torch.Tensor) -> torch.Tensor:
+        feats = self.spatial(pose)
+        if self.temporal_factor > 1:  # frame 0 alone, then groups of tf (see group_frames)
+            feats = torch.cat([feats[:, :, :1]] * (self.temporal_factor - 1) + [feats], dim=2)
+        return self.proj(feats)
+
+
+def _zero_out(attn: WanAnimateFaceBlockCrossAttention) -> WanAnimateFaceBlockCrossAttention:
+    nn.init.zeros_(attn.to_out.weight)
+    nn.init.zeros_(attn.to_out.bias)
+    return attn
+
+
+class AnimationDenoiser(WanTransformer3DModel):
+    """Wan transformer + reference/pose/audio/face conditions, learned nulls and an optional aux head."""
+
+    _cp_plan = None  # our forward differs from Wan's; context parallelism is not wired
+    _no_split_modules = ["WanTransformerBlock", "WanAnimateFaceBlockCrossAttention"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        # ---- ours ----
+        vae_spatial_factor: int = 8,
+        vae_temporal_factor: int = 4,
+        num_context_tokens: int = 4,
+        pose_channels: tuple[int, ...] = (32, 64, 128, 256),
+        audio_mels: int = 32,
+        audio_window: int = 6,
+        audio_every: int = 5,
+        face_injection: bool = True,
+        face_every: int = 5,
+        face_patch: int = 2,
+        ref_as_frame: bool = False,
+        aux_head: bool = False,
+    ) -> None:
+        if image_dim is not None or added_kv_proj_dim is not None:
+            raise ValueError("image_dim/added_kv_proj_dim (Wan I2V CLIP path) are not supported: the ref enters as a latent")
+        super().__init__(
+            patch_size=patch_size, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=freq_dim,
+            ffn_dim=ffn_dim, num_layers=num_layers, cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps,
+            rope_max_seq_len=rope_max_seq_len, pos_embed_seq_len=pos_embed_seq_len,
+        )
+        _check_geometry(patch_size, vae_spatial_factor, pose_channels, audio_every, face_every)
+        dim = num_attention_heads * attention_head_dim
+        self.context_tokens = nn.Parameter(torch.randn(num_context_tokens, text_dim))
+        self.ref_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        nn.init.zeros_(self.ref_embedding.weight)
+        nn.init.zeros_(self.ref_embedding.bias)
+        self.pose_encoder = PoseEncoder(tuple(pose_channels), dim, vae_temporal_factor)
+        self.audio_proj = nn.Linear(audio_mels, dim)
+        self.audio_pos = nn.Parameter(torch.randn(vae_temporal_factor * audio_window, dim) * 0.02)
+        self.audio_attn = nn.ModuleList(self._frame_attention() for _ in range(math.ceil(num_layers / audio_every)))
+        self.null_ref = nn.Parameter(torch.zeros(dim))
+        self.null_pose = nn.Parameter(torch.zeros(dim))
+        self.null_audio = nn.Parameter(torch.randn(dim) * 0.02)
+        if face_injection:
+            self.face_embedding = nn.Conv3d(in_channels, dim, (1, face_patch, face_patch), stride=(1, face_patch, face_patch))
+            self.face_attn = nn.ModuleList(self._frame_attention() for _ in range(math.ceil(num_layers / face_every)))
+            self.null_face = nn.Parameter(torch.randn(dim) * 0.02)
+        if ref_as_frame:
+            self.null_ref_frame = nn.Parameter(torch.zeros(dim))
+        if aux_head:
+            self.aux_norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+            self.aux_proj = nn.Linear(dim, out_channels * math.prod(patch_size))
+
+    def _frame_attention(self) -> WanAnimateFaceBlockCrossAttention:
+        cfg = self.config
+        head_dim = cfg.attention_head_dim
+        return _zero_out(WanAnimateFaceBlockCrossAttention(
+            dim=cfg.num_attention_heads * head_dim, heads=cfg.num_attention_heads, dim_head=head_dim,
+            eps=cfg.eps, cross_attention_dim_head=head_dim))
+
+    # ------------------------------------------------------------------ conditions -> tokens
+    @staticmethod
+    def _with_null(values: torch.Tensor, null: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per sample: `values` where keep else the learned null (broadcast over all but batch)."""
+        mask = keep.view(-1, *([1] * (values.ndim - 1)))
+        return torch.where(mask, values, null.to(values.dtype).expand_as(values))
+
+    def set_context_tokens(self, embeds: torch.Tensor) -> None:
+        """Replace the learned prompt by an encoded one (N, text_dim), e.g. umT5 output for a real checkpoint."""
+        if embeds.ndim != 2 or embeds.shape[1] != self.config.text_dim:
+            raise ValueError(f"context tokens must be (N, {self.config.text_dim}), got {tuple(embeds.shape)}")
+        self.context_tokens = nn.Parameter(embeds.detach().to(self.context_tokens))
+
+    def _ref_tokens(self, cond: Conditions, batch: int, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+        """(B, D, 1, h', w') ref contribution (or its null), broadcast over frames by the caller."""
+        keep = cond.keep_mask("ref", like.device)
+        if cond.ref_latent is None:
+            return self.null_ref.to(like.dtype).view(1, -1, 1, 1, 1).expand(batch, -1, 1, *grid[1:])
+        self._check_shape("ref_latent", cond.ref_latent, (batch, self.config.in_channels, 1, *like.shape[-2:]))
+        ref = self.ref_embedding(cond.ref_latent.to(like.dtype))
+        return self._with_null(ref.permute(0, 2, 3, 4, 1), self.null_ref, keep).permute(0, 4, 1, 2, 3)
+
+    def _pose_tokens(self, cond: Conditions, batch: int, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+        """(B, D, T', h', w') pose contribution (or its null)."""
+        if cond.pose is None:
+            return self.null_pose.to(like.dtype).view(1, -1, 1, 1, 1)
+        pose = self.pose_encoder(cond.pose.to(like.dtype))
+        if tuple(pose.shape[2:]) != grid:
+            raise ValueError(f"pose {tuple(cond.pose.shape)} encodes to grid {tuple(pose.shape[2:])}, latents need {grid}")
+        keep = cond.keep_mask("pose", like.device)
+        return self._with_null(pose.permute(0, 2, 3, 4, 1), self.null_pose, keep).permute(0, 4, 1, 2, 3)
+
+    def _audio_tokens(self, cond: Conditions, batch: int, num_latent: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, T_lat, tf * W, D) per-latent-frame audio tokens (or the null token)."""
+        cfg = self.config
+        if cond.audio is None:
+            return self.null_audio.to(like.dtype).expand(batch, num_latent, 1, -1)
+        audio = cond.audio.to(like.dtype)
+        if audio.ndim != 4 or audio.shape[2:] != (cfg.audio_window, cfg.audio_mels):
+            raise ValueError(f"audio must be (B, T, {cfg.audio_window}, {cfg.audio_mels}), got {tuple(audio.shape)}")
+        grouped = group_frames(audio, cfg.vae_temporal_factor).flatten(2, 3)  # (B, T_lat, tf*W, M)
+        if grouped.shape[1] != num_latent:
+            raise ValueError(f"audio has {audio.shape[1]} frames -> {grouped.shape[1]} latent frames, latents have {num_latent}")
+        tokens = self.audio_proj(grouped) + self.audio_pos.to(like.dtype)
+        return self._with_null(tokens, self.null_audio, cond.keep_mask("audio", like.device))
+
+    def _face_tokens(self, cond: Conditions, batch: int, num_latent: int, like: torch.Tensor) -> torch.Tensor | None:
+        """(B, T_lat, N_face, D) per-latent-frame face tokens (or the null token); None without face path."""
+        if not self.config.face_injection:
+            return None
+        if cond.face is None:
+            return self.null_face.to(like.dtype).expand(batch, num_latent, 1, -1)
+        if cond.face.ndim != 5 or cond.face.shape[2] != num_latent:
+            raise ValueError(f"face must be (B, C, {num_latent}, hf, wf) at latent frame rate, got {tuple(cond.face.shape)}")
+        tokens = self.face_embedding(cond.face.to(like.dtype)).flatten(3).permute(0, 2, 3, 1)  # (B, T_lat, N, D)
+        return self._with_null(tokens, self.null_face, cond.keep_mask("face", like.device))
+
+    @staticmethod
+    def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != tuple(expected):
+            raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}")
+
+    # ------------------------------------------------------------------ forward
+    def _embed(self, x: torch.Tensor, cond: Conditions) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patch tokens + ref + pose, (B, S, D) with S = T_total h' w'; optional ref frame prepended."""
+        batch = x.shape[0]
+        tokens = self.patch_embedding(x)  # (B, D, T', h', w')
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens + self._ref_tokens(cond, batch, grid, x) + self._pose_tokens(cond, batch, grid, x)
+        if self.config.ref_as_frame:
+            tokens = torch.cat([self._ref_frame(cond, batch, grid, x), tokens], dim=2)
+        return tokens.flatten(2).transpose(1, 2).contiguous(), grid
+
+    def _ref_frame(self, cond: Conditions, batch: int, grid: tuple[int, int, int], x: torch.Tensor) -> torch.Tensor:
+        """(B, D, 1, h', w') tokens of the ref latent as an extra leading frame (null where dropped)."""
+        keep = cond.keep_mask("ref", x.device)
+        if cond.ref_latent is None:
+            return self.null_ref_frame.to(x.dtype).view(1, -1, 1, 1, 1).expand(batch, -1, 1, *grid[1:])
+        frame = self.patch_embedding(cond.ref_latent.to(x.dtype))
+        return self._with_null(frame.permute(0, 2, 3, 4, 1), self.null_ref_frame, keep).permute(0, 4, 1, 2, 3)
+
+    def _stage(self, index: int, hidden: torch.Tensor, context: torch.Tensor, temb_proj: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor], audio: torch.Tensor, face: torch.Tensor | None) -> torch.Tensor:
+        """One Wan block, then (every *_every blocks) per-frame audio and face cross-attention."""
+        cfg = self.config
+        hidden = self.blocks[index](hidden, context, temb_proj, rope)
+        if index % cfg.audio_every == 0:
+            hidden = hidden + self.audio_attn[index // cfg.audio_every](hidden, audio)
+        if face is not None and index % cfg.face_every == 0:
+            hidden = hidden + self.face_attn[index // cfg.face_every](hidden, face)
+        return hidden
+
+    def _frame_tokens_with_ref(self, tokens: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+        """Prepend a null frame of condition tokens for the ref frame when ref_as_frame is on."""
+        if not self.config.ref_as_frame:
+            return tokens
+        lead = null.to(tokens.dtype).expand(tokens.shape[0], 1, tokens.shape[2], -1)
+        return torch.cat([lead, tokens], dim=1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditions,
+                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity v (B, C, T_lat, h, w) for noisy latents x at noise level sigma (B,) in [0, 1]."""
+        cfg = self.config
+        patch = tuple(cfg.patch_size)
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, T, h, w), got {tuple(x.shape)}")
+        if any(size % p for size, p in zip(x.shape[2:], patch)):
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by patch {patch}")
+        if return_aux and not cfg.aux_head:
+            raise ValueError("return_aux=True needs a model built with aux_head=True")
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
+        hidden, grid = self._embed(x, cond)
+        frames_total = grid[0] + int(cfg.ref_as_frame)
+        rope = self.rope(x[:, :, :1].expand(-1, -1, frames_total * patch[0], -1, -1))
+        context = self.context_tokens.to(x.dtype).expand(batch, -1, -1)
+        temb, temb_proj, context, _ = self.condition_embedder(sigma * 1000.0, context)
+        temb_proj = temb_proj.unflatten(1, (6, -1))
+        audio = self._frame_tokens_with_ref(self._audio_tokens(cond, batch, grid[0], x), self.null_audio)
+        face = self._face_tokens(cond, batch, grid[0], x)
+        face = None if face is None else self._frame_tokens_with_ref(face, self.null_face)
+        for index in range(len(self.blocks)):
+            stage = functools.partial(self._stage, index)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden = self._gradient_checkpointing_func(stage, hidden, context, temb_proj, rope, audio, face)
+            else:
+                hidden = stage(hidden, context, temb_proj, rope, audio, face)
+        if cfg.ref_as_frame:
+            hidden = hidden[:, grid[1] * grid[2]:]
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        out = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        velocity = _unpatchify(self.proj_out(out), grid, patch)
+        if not return_aux:
+            return velocity
+        return velocity, _unpatchify(self.aux_proj(self.aux_norm(hidden)), grid, patch)
+
+
+def _check_geometry(patch_size, vae_spatial_factor: int, pose_channels, audio_every: int, face_every: int) -> None:
+    down = vae_spatial_factor * patch_size[1]
+    if patch_size[1] != patch_size[2] or patch_size[0] != 1:
+        raise ValueError(f"patch_size must be (1, p, p), got {tuple(patch_size)}")
+    if 2 ** len(pose_channels) != down:
+        raise ValueError(f"pose encoder halves H/W per stage: {len(pose_channels)} stages give "
+                         f"{2 ** len(pose_channels)}x, tokens need vae_spatial_factor * patch = {down}x")
+    if audio_every < 1 or face_every < 1:
+        raise ValueError("audio_every and face_every must be >= 1")
+
+
+# ---------------------------------------------------------------------- loading foreign checkpoints
+@dataclass
+class LoadReport:
+    """What `load_transformer_weights` did, by parameter name."""
+
+    loaded: list[str]
+    sliced: list[str]
+    initialised: list[str]
+    unused: list[str]
+
+
+def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a diffusers model folder (single file or sharded with an index json)."""
+    from safetensors.torch import load_file
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["diffusion_pytorch_model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = folder / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing (expected a diffusers safetensors folder)")
+        state.update(load_file(str(path)))
+    return state
+
+
+def load_transformer_weights(model: AnimationDenoiser, folder: str | Path) -> LoadReport:
+    """Load a Wan / Wan-Animate / AnimationDenoiser diffusers folder into `model` by name (see module doc)."""
+    source = _read_safetensors_folder(Path(folder))
+    own = model.state_dict()
+    chosen: dict[str, torch.Tensor] = {}
+    report = LoadReport([], [], [], sorted(set(source) - set(own)))
+    for name, target in own.items():
+        tensor = source.get(name)
+        if tensor is None:
+            report.initialised.append(name)
+        elif tensor.shape == target.shape:
+            chosen[name] = tensor
+            report.loaded.append(name)
+        elif _is_wider_patch_embedding(name, tensor, target):
+            chosen[name] = tensor[:, : target.shape[1]]  # Wan-Animate: noisy latent channels come first
+            report.sliced.append(name)
+        else:
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
+    model.load_state_dict(chosen, strict=False)
+    return report
+
+
+def _is_wider_patch_embedding(name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
+    return (name == "patch_embedding.weight" and tensor.shape[0] == target.shape[0]
+            and tensor.shape[1] > target.shape[1] and tensor.shape[2:] == target.shape[2:])
