@@ -39,8 +39,8 @@ _SHIFT = 4  # cv2 sub-pixel bits: coordinates are drawn at 1/16 px precision
 
 
 def _thickness(height: int, width: int) -> int:
-    """Line thickness that stays visible at 64x64 and scales with resolution."""
-    return max(1, int(round(min(height, width) / 64)))
+    """Line thickness: 2 px at 64x64 (visible after VAE downsampling), DWPose's 4 px at 512."""
+    return max(2, int(round(min(height, width) / 128)))
 
 
 def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
@@ -49,12 +49,13 @@ def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_thres
     visible = keypoints[:, 2] >= conf_threshold
     points = np.round(np.nan_to_num(keypoints[:, :2]) * (1 << _SHIFT)).astype(np.int64)
     thickness = _thickness(height, width)
+    joint_radius = int(round((thickness / 2 + 0.5) * (1 << _SHIFT)))  # joints a bit wider than limbs
     for (a, b), color in zip(COCO17_LIMBS, LIMB_COLORS):
         if visible[a] and visible[b]:
             cv2.line(canvas, tuple(map(int, points[a])), tuple(map(int, points[b])), color,
                      thickness, cv2.LINE_AA, _SHIFT)
     for joint in np.flatnonzero(visible):
-        cv2.circle(canvas, tuple(map(int, points[joint])), thickness << _SHIFT, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
+        cv2.circle(canvas, tuple(map(int, points[joint])), joint_radius, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
     return canvas
 
 

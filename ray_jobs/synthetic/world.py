@@ -164,7 +164,7 @@ def run(cfg: SyntheticConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "identities": identity_splits(cfg),
         "videos": {split: [w["video_id"] for w in written if w["split"] == split] for split in ("train", "heldout")},
-        "config": cfg.model_dump(mode="json", exclude={"storage", "ray", "out"}),
+        "config": cfg.model_dump(mode="json", exclude={"storage", "ray", "out", "executor", "ray_min_videos"}),
     }
     storage = Storage(cfg.storage)
     storage.write_json(storage.join(cfg.out, "splits.json"), splits)
