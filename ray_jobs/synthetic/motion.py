@@ -38,7 +38,8 @@ def _unit(angle: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1)
 
 
-def _arm_and_leg_angles(rng, num_frames, fps, gesture):
+def _arm_and_leg_angles(rng: np.random.Generator, num_frames: int, fps: float,
+                         gesture: np.ndarray) -> dict[str, np.ndarray]:
     """Shoulder/elbow/hip/knee angles (radians from down, outward positive) for both sides."""
     angles = {}
     for side in ("left", "right"):
@@ -57,10 +58,10 @@ def dance_keypoints(identity: PuppetIdentity, rng: np.random.Generator, energy: 
     unit = float(height)
     talk = smooth_energy(energy, fps)
     gesture = 0.35 + 0.65 * talk  # gesture amplitude follows audio energy
-    leg_length = (identity.thigh + identity.shin) * unit
+    standing_y = (identity.floor_y + 0.02) * unit - 0.95 * (identity.thigh + identity.shin) * unit  # feet on floor
     pelvis = np.stack([
         width / 2 + smooth_track(rng, num_frames, fps, 0.06 * unit),
-        (identity.floor_y + 0.02) * unit - 0.95 * leg_length + smooth_track(rng, num_frames, fps, 0.015 * unit, max_hz=2.0),
+        standing_y + smooth_track(rng, num_frames, fps, 0.015 * unit, max_hz=2.0),
     ], axis=-1)
     lean = smooth_track(rng, num_frames, fps, 0.12)
     up = np.stack([np.sin(lean), -np.cos(lean)], axis=-1)  # torso axis pointing up, tilted by lean
@@ -83,7 +84,8 @@ def dance_keypoints(identity: PuppetIdentity, rng: np.random.Generator, energy: 
     return np.concatenate([points, np.ones((num_frames, 17, 1))], axis=-1)
 
 
-def _place_head(points, identity, rng, shoulder_mid, up, talk, fps, unit) -> None:
+def _place_head(points: np.ndarray, identity: PuppetIdentity, rng: np.random.Generator, shoulder_mid: np.ndarray,
+                up: np.ndarray, talk: np.ndarray, fps: float, unit: float) -> None:
     """Head disc on the neck; roll is a slow sway, the nod (features drop) deepens with audio energy."""
     num_frames = len(talk)
     radius = identity.head_radius * unit
