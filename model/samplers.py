@@ -228,6 +228,8 @@ def sample_segment_routed(
     Each segment gets its own table `inference_sigmas(steps, shift, sigma_low, sigma_high)`;
     ``adapter_switch(segment.adapter)`` is called on entering each segment (callers wrap the
     peft/diffusers `set_adapters`/`disable_adapters` calls) and the last adapter stays active on return.
+    A segment evaluates the model at its upper edge and inside it, never at its lower edge, so a
+    boundary sigma_b is evaluated once, with the lower segment's adapter (its first Euler point).
     """
     validate_segments(segments)
     if adapter_switch is None and any(seg.adapter is not None for seg in segments):
