@@ -107,6 +107,9 @@ def audio_features(wave: np.ndarray, fps: float, num_frames: int, cfg: AudioFeat
     if fps <= 0 or num_frames < 1:
         raise ValueError(f"need fps > 0 and num_frames >= 1, got fps={fps}, num_frames={num_frames}")
     mpf, ctx = cfg.mels_per_frame, cfg.context_frames
+    row_samples = cfg.sample_rate / (fps * mpf)
+    if cfg.n_fft < row_samples:  # windows would leave gaps: sounds between rows would vanish
+        raise ValueError(f"n_fft {cfg.n_fft} < {row_samples:.0f} samples per mel row at fps {fps}; raise n_fft")
     total_rows = (num_frames + 2 * ctx) * mpf
     centres = _row_centres(fps, total_rows, -ctx * mpf, cfg)
     rows = _log_mel_rows(wave, centres, cfg)  # (total_rows, n_mels)

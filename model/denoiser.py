@@ -72,7 +72,8 @@ from diffusers.models.transformers.transformer_wan_animate import WanAnimateFace
 
 from model.conditions import Conditions
 
-__all__ = ["AnimationDenoiser", "PoseEncoder", "LoadReport", "load_transformer_weights", "group_frames"]
+__all__ = ["AnimationDenoiser", "PoseEncoder", "LoadReport", "load_transformer_weights", "group_frames",
+           "lora_config", "use_adapter", "LORA_TARGETS"]
 
 
 def group_frames(frames: torch.Tensor, temporal_factor: int, dim: int = 1) -> torch.Tensor:
@@ -404,3 +405,45 @@ def load_transformer_weights(model: AnimationDenoiser, folder: str | Path) -> Lo
 def _is_wider_patch_embedding(name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
     return (name == "patch_embedding.weight" and tensor.shape[0] == target.shape[0]
             and tensor.shape[1] > target.shape[1] and tensor.shape[2:] == target.shape[2:])
+
+
+# ---------------------------------------------------------------------- LoRA (peft via diffusers' PeftAdapterMixin)
+# Module-name suffixes peft matches. "attn" covers Wan's self- and text cross-attention (attn1, attn2)
+# and our per-frame audio/face cross-attention q/k/v; "attn+ffn" adds the blocks' feed-forward.
+LORA_TARGETS: dict[str, list[str]] = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn+ffn": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+}
+
+
+def lora_config(rank: int = 8, alpha: float | None = None, targets: str = "attn", dropout: float = 0.0):
+    """A peft `LoraConfig` for the denoiser (alpha defaults to rank, i.e. scale 1)."""
+    from peft import LoraConfig
+
+    if targets not in LORA_TARGETS:
+        raise ValueError(f"targets must be one of {sorted(LORA_TARGETS)}, got {targets!r}")
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank),
+                      target_modules=list(LORA_TARGETS[targets]), lora_dropout=dropout, init_lora_weights=True)
+
+
+def use_adapter(model: AnimationDenoiser, name: str | None) -> None:
+    """Activate one named LoRA adapter, or none (None = adapters disabled, the base model).
+
+    peft's `set_adapter` / `disable_adapters` also flip ``requires_grad`` of adapter weights;
+    this helper restores every LoRA parameter's ``requires_grad`` afterwards, so switching for
+    inference (samplers' ``adapter_switch``) or for the DPO reference never changes what trains.
+    """
+    lora_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    flags = {n: p.requires_grad for n, p in lora_params.items()}
+    if name is None:
+        model.disable_adapters()
+    else:
+        known = set(getattr(model, "peft_config", {}) or {})
+        if name not in known:
+            raise KeyError(f"no adapter named {name!r}; the model has {sorted(known)}")
+        model.enable_adapters()
+        model.set_adapter(name)
+    for n, p in lora_params.items():
+        p.requires_grad_(flags[n])
