@@ -36,7 +36,11 @@ def _weighted_mean(elementwise: torch.Tensor, weight: torch.Tensor | None) -> to
             if weight.shape[0] != elementwise.shape[0]:
                 raise ValueError(f"per-sample weight {tuple(weight.shape)} does not match batch {elementwise.shape[0]}")
             weight = weight.view(-1, *([1] * (elementwise.ndim - 1)))
-        if torch.broadcast_shapes(weight.shape, elementwise.shape) != elementwise.shape:
+        try:
+            broadcast = torch.broadcast_shapes(weight.shape, elementwise.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != elementwise.shape:
             raise ValueError(f"weight {tuple(weight.shape)} does not broadcast to {tuple(elementwise.shape)}")
         elementwise = weight * elementwise
     return elementwise.flatten(1).mean(dim=1)
@@ -62,8 +66,9 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, weight: torch.Tenso
         raise ValueError(f"pseudo-Huber c must be > 0, got {c}")
     if a.shape != b.shape:
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
-    diff = a.float() - b.float()
-    return _weighted_mean(torch.sqrt(diff * diff + c * c) - c, weight)
+    squared = (a.float() - b.float()) ** 2
+    # sqrt(d^2 + c^2) - c rewritten as d^2 / (sqrt(d^2 + c^2) + c): same value, no cancellation when |d| << c.
+    return _weighted_mean(squared / (torch.sqrt(squared + c * c) + c), weight)
 
 
 class DPOOutput(NamedTuple):
