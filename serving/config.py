@@ -1,0 +1,133 @@
+"""The Serve app's one typed config: `ServeAppConfig`, given as ``args`` to `serving.app.build_app`.
+
+`serve deploy serving/config.yaml` passes ``applications[0].args`` to `build_app`, which validates
+it here, so a typo in the YAML fails the deploy with pydantic's message naming the dotted field.
+Secrets never live in the YAML: ``api_key_env`` names the environment variable holding the key, and
+the replica reads it when it starts (not at import).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from model.config import StrictConfig
+from model.presets import ModelConfig
+from model.storage import StorageConfig
+
+__all__ = ["LimitsConfig", "DeploymentKnobs", "ServeAppConfig"]
+
+
+class LimitsConfig(StrictConfig):
+    """Per-request limits; a request over any of them is answered 413/422 naming the field."""
+
+    max_upload_bytes: int = Field(8 * 2**20, ge=1024, description="largest accepted upload (each file part)")
+    max_duration_s: float = Field(10.0, gt=0, description="longest clip, frames / fps")
+    max_frames: int = Field(160, ge=1, description="most frames per clip")
+    max_steps: int = Field(50, ge=1, description="most sampler steps per request")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest reference image (W*H), decompression-bomb guard")
+    min_fps: float = Field(1.0, gt=0, description="lowest accepted fps")
+    max_fps: float = Field(60.0, gt=0, description="highest accepted fps")
+
+
+class DeploymentKnobs(StrictConfig):
+    """Ray Serve deployment options for the `Animator` (see `ray.serve.config.AutoscalingConfig`)."""
+
+    min_replicas: int = Field(1, ge=0, description="autoscaling floor")
+    max_replicas: int = Field(2, ge=1, description="autoscaling ceiling")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy time (None = min_replicas)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="per-replica load the autoscaler aims at")
+    upscale_delay_s: float = Field(5.0, ge=0, description="load must stay high this long before scaling up")
+    downscale_delay_s: float = Field(30.0, ge=0, description="load must stay low this long before scaling down")
+    metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(5.0, gt=0, description="window the autoscaler averages load over")
+    max_ongoing_requests: int = Field(4, ge=1, description="requests a replica works on or batches at once")
+    max_queued_requests: int = Field(8, ge=-1, description="requests waiting for a replica; beyond -> 503 (-1 = unbounded)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per replica; auto = 1 when the cluster has GPUs")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often check_health runs")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="check_health deadline")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="time to finish requests on scale-down")
+    max_batch_size: int = Field(4, ge=1, description="@serve.batch: requests that share a shape run as one batch")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DeploymentKnobs":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
+        return self
+
+    def autoscaling_config(self) -> dict:
+        """The dict `@serve.deployment(autoscaling_config=...)` takes."""
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": self.initial_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "metrics_interval_s": self.metrics_interval_s, "look_back_period_s": self.look_back_period_s}
+
+
+class ServeAppConfig(StrictConfig):
+    """Everything the Serve app needs: which checkpoint, how to sample, where outputs go, limits, scaling."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig,
+                               description="denoiser + VAE; pretrained_path None = tiny random init (noise-like output)")
+    adapter_path: str | None = Field(None, description="peft LoRA adapter folder on top of the model (local or s3://)")
+    sampler: Literal["consistency", "euler_cfg"] = Field("consistency", description="student (consistency) or teacher (euler_cfg)")
+    default_steps: int | None = Field(None, ge=1, description="steps when a request gives none (None: consistency 4, euler_cfg 50)")
+    guidance: float | None = Field(None, description="CFG scale for euler_cfg (None = 5.0); the consistency student runs none")
+    cfg_drop: list[Literal["ref", "pose", "audio", "face"]] = Field(
+        default_factory=lambda: ["audio", "pose"], description="conditions dropped for the unconditional CFG branch")
+    consistency_edges: list[float] | None = Field(None, description="the student's training segment edges (None = uniform)")
+    height: int = Field(64, ge=16, description="output height; the reference is resized/cropped to it")
+    width: int = Field(64, ge=16, description="output width")
+    default_fps: float = Field(16.0, gt=0, description="fps when a request gives none")
+    default_frames: int = Field(8, ge=1, description="frames when a request gives neither frames, duration nor audio")
+    output: str = Field("/tmp/animations", description="job records and videos: local folder or s3://bucket/prefix")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="S3 endpoint/region for output and s3:// inputs")
+    api_key_env: str | None = Field(None, description="name of the env var holding the X-API-Key value; None = no key")
+    allowed_s3_buckets: list[str] = Field(default_factory=list, description="buckets s3:// inputs may come from")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    animator: DeploymentKnobs = Field(default_factory=DeploymentKnobs)
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
+    ingress_max_ongoing_requests: int = Field(64, ge=1, description="requests one ingress replica holds")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 on overload")
+    job_stale_s: float = Field(600.0, gt=0, description="a queued/running job not updated this long is reported failed (replica lost)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the replica has a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (None = torch default)")
+    warmup: bool = Field(True, description="run one tiny generation when a replica starts")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError(f"api_key_env must be an environment variable NAME, got {value!r}")
+        return value
+
+    @field_validator("allowed_s3_buckets")
+    @classmethod
+    def _bare_buckets(cls, value: list[str]) -> list[str]:
+        bad = [b for b in value if "/" in b or ":" in b or not b]
+        if bad:
+            raise ValueError(f"allowed_s3_buckets takes bare bucket names, got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _sampler_args(self) -> "ServeAppConfig":
+        if self.sampler == "consistency" and self.guidance not in (None, 1.0):
+            raise ValueError("the consistency student runs no CFG: leave guidance unset")
+        if self.height % 2 or self.width % 2:
+            raise ValueError("height and width must be even (H.264 yuv420p)")
+        if self.default_steps is not None and self.default_steps > self.limits.max_steps:
+            raise ValueError(f"default_steps {self.default_steps} > limits.max_steps {self.limits.max_steps}")
+        return self
+
+    @property
+    def steps(self) -> int:
+        """Steps used when a request names none."""
+        if self.default_steps is not None:
+            return self.default_steps
+        if self.consistency_edges is not None and self.sampler == "consistency":
+            return len(self.consistency_edges) - 1
+        return 4 if self.sampler == "consistency" else 50
