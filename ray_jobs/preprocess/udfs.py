@@ -292,15 +292,18 @@ class VaeEncoder:
             raise ValueError(f"VAE spatial factor {self.vae.spatial_factor} != latent_spatial_factor "
                              f"{cfg.latent_spatial_factor}: motion masks would not match the latents")
 
-    def _shape(self, frames: int, height: int, width: int) -> tuple[int, ...]:
-        factor = self.vae.spatial_factor
-        return (self.vae.latent_channels, self.vae.num_latent_frames(frames), height // factor, width // factor)
-
     def _encode(self, pixels: np.ndarray, good: np.ndarray) -> np.ndarray:
-        """uint8 (B, T, H, W, 3) -> float32 (B, C, t, h, w); rows not `good` stay zero."""
-        out = np.zeros((len(pixels), *self._shape(*pixels.shape[1:4])), np.float32)
+        """uint8 (B, T, H, W, 3) -> float32 (B, C, t, h, w); rows not `good` stay zero.
+
+        The latent shape is taken from a real encode (a zero clip when no row is good): diffusers'
+        Wan encoder walks frames in 1 + 4k chunks whatever the temporal factor, so t is not derivable
+        from the config alone.
+        """
+        rows = pixels[good] if good.any() else np.zeros_like(pixels[:1])
+        encoded = self.vae.encode(np.ascontiguousarray(rows)).cpu().numpy().astype(np.float32)
+        out = np.zeros((len(pixels), *encoded.shape[1:]), np.float32)
         if good.any():
-            out[good] = self.vae.encode(np.ascontiguousarray(pixels[good])).cpu().numpy()
+            out[good] = encoded
         return out
 
     def __call__(self, batch: dict) -> dict:

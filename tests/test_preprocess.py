@@ -1,0 +1,268 @@
+"""Preprocessing job: real synthetic MP4s plus planted bad files, on local disk and on moto's S3 server.
+
+One small local Ray (2 CPUs) for the module. Checks exact clip counts, the clip contents against
+independent decodes, every bad file's error row, the shard schema read back by `ray.data.read_parquet`,
+VAE latents against a direct encode, and that re-runs write nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.audio import audio_features
+from model.config import ConfigError, load_config
+from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from ray_jobs.preprocess import PreprocessConfig, run
+from ray_jobs.preprocess import stages
+from ray_jobs.preprocess.pose import OnnxPoseExtractor, decode_heatmaps, decode_simcc
+from ray_jobs.synthetic import SyntheticConfig, generate_video, sidecar_json
+
+T, FPS, SIZE = 8, 16.0, 64
+GOOD = ("good0", "good1")  # 1 s each -> 16 frames -> 2 clips
+# planted file -> (stage, substring of the reason) when silent videos are not allowed
+BAD = {
+    "truncated": ("probe", "not a readable media file"),
+    "garbage": ("probe", "not a readable media file"),
+    "empty": ("probe", "empty file"),
+    "audio_only": ("probe", "no video stream"),
+    "short": ("clip", "shorter than one clip"),
+    "bad_sidecar": ("sidecar", "unreadable sidecar"),
+    "silent": ("audio", "no audio stream"),
+}
+SCHEMA = {  # column -> (dtype, per-row shape) of docs/design.md at the tiny geometry
+    "frames": (np.uint8, (T, SIZE, SIZE, 3)), "ref_frame": (np.uint8, (SIZE, SIZE, 3)),
+    "keypoints": (np.float32, (T, 17, 3)), "pose": (np.uint8, (T, SIZE, SIZE, 3)),
+    "audio": (np.float32, (8000,)), "audio_feats": (np.float32, (T, 6, 32)), "has_audio": (np.bool_, ()),
+    "face_boxes": (np.float32, (T, 4)), "face_crops": (np.uint8, (T, 32, 32, 3)), "has_face": (np.bool_, ()),
+    "motion_mask": (np.float32, (T, 16, 16)), "mouth_openness": (np.float32, (T,)),
+    "clip_index": (np.int64, ()), "start_frame": (np.int64, ()), "fps": (np.float64, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """A 2-CPU local Ray, started after the S3 fixture so workers inherit its AWS environment."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """Two good 1 s synthetic videos with sidecars, and one planted file per kind of bad input."""
+    root = tmp_path_factory.mktemp("videos")
+    cfg = SyntheticConfig(out=str(root), duration=1.0, seed=3)
+    for index, name in enumerate(GOOD):
+        video = generate_video(cfg, index)
+        mux_mp4(video.frames, video.audio, FPS, root / f"{name}.mp4")
+        (root / f"{name}.json").write_bytes(sidecar_json({**video.sidecar, "video_id": name}))
+    spare = generate_video(cfg, 2)
+    good = (root / "good0.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (root / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "empty.mp4").write_bytes(b"")
+    _ffmpeg("-i", str(root / "good0.mp4"), "-vn", "-c:a", "copy", str(root / "audio_only.mp4"))
+    mux_mp4(spare.frames[:3], spare.audio[:3200], FPS, root / "short.mp4")  # 0.19 s
+    (root / "bad_sidecar.mp4").write_bytes(good)
+    (root / "bad_sidecar.json").write_text('{"keypoints": [[1, 2')
+    mux_mp4(spare.frames, None, FPS, root / "silent.mp4")
+    (root / "silent.json").write_bytes(sidecar_json({**spare.sidecar, "video_id": "silent"}))
+    (root / "notes.txt").write_text("not a video: ignored by the listing")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A small random-weight AutoencoderKLWan (spatial factor 4), saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, False], latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    path = tmp_path_factory.mktemp("vae") / "tiny_vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def _config(input_uri: str, output_uri: str, **overrides) -> PreprocessConfig:
+    fields = {"batch_size": 4, "shard_clips": 16, "vae": {"enabled": False}, **overrides}
+    return PreprocessConfig(input=input_uri, output=output_uri, **fields)
+
+
+def _read_errors(storage, output: str, run_name: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_path(storage.join(output, run_name, "errors.parquet"))
+    return pq.read_table(path, filesystem=fs).to_pylist()
+
+
+def _read_shards(ray, storage, output: str):
+    manifest = storage.read_json(storage.join(output, "manifest.json"))
+    fs, _ = storage.arrow_path(output)
+    paths = [storage.arrow_path(storage.join(output, shard))[1] for shard in manifest["shards"]]
+    return manifest, ray.data.read_parquet(paths, filesystem=fs)
+
+
+def _listing(storage, output: str) -> dict[str, bytes]:
+    return {uri: storage.read_bytes(uri) for uri in storage.list(output)}
+
+
+def _check_clip(row: dict, videos: Path) -> None:
+    """One shard row against an independent decode of its source and its sidecar."""
+    name, start = Path(row["source"]).stem, int(row["start_frame"])
+    assert start == 8 * row["clip_index"] and row["video_id"] == name
+    frames = decode_video(videos / f"{name}.mp4", FPS, (SIZE, SIZE))
+    np.testing.assert_array_equal(row["frames"], frames[start:start + T])
+    np.testing.assert_array_equal(row["ref_frame"], frames[0])
+    sidecar = json.loads((videos / f"{name}.json").read_text())
+    np.testing.assert_allclose(row["keypoints"], np.asarray(sidecar["keypoints"][start:start + T]), atol=1e-4)
+    np.testing.assert_allclose(row["mouth_openness"], sidecar["mouth_openness"][start:start + T], atol=1e-6)
+    np.testing.assert_array_equal(row["motion_mask"], stages.motion_mask(row["frames"][None], 0.04, 4)[0])
+    assert row["has_face"] and row["face_crops"].std() > 0
+    if row["has_audio"]:
+        wave = decode_audio(videos / f"{name}.mp4")
+        np.testing.assert_array_equal(row["audio"][: len(wave) - start * 1000], wave[start * 1000: start * 1000 + 8000])
+        np.testing.assert_allclose(row["audio_feats"], audio_features(row["audio"], FPS, T), atol=1e-5)
+    else:
+        assert not row["audio"].any() and not row["audio_feats"].any()
+
+
+def test_local_run_clips_errors_schema_and_resume(ray_local, videos, tmp_path):
+    from model.storage import Storage
+
+    storage, output = Storage(), str(tmp_path / "shards")
+    summary = run(_config(str(videos), output))
+    assert (summary["videos_ok"], summary["videos_failed"], summary["clips_written"]) == (2, len(BAD), 4)
+    errors = {Path(e["source"]).stem: e for e in _read_errors(storage, output, "run-0001")}
+    assert set(errors) == set(BAD)
+    for name, (stage, reason) in BAD.items():
+        assert errors[name]["stage"] == stage and reason in errors[name]["reason"], errors[name]
+    manifest, ds = _read_shards(ray_local, storage, output)
+    assert manifest["counts"]["clips"] == 4 and manifest["sources"][str(videos / "good1.mp4")]["status"] == "ok"
+    assert len(manifest["sources"][str(videos / "good0.mp4")]["sha256"]) == 64
+    rows = sorted(ds.take_all(), key=lambda r: (r["source"], r["clip_index"]))
+    assert [(Path(r["source"]).stem, r["clip_index"]) for r in rows] == [(g, i) for g in GOOD for i in (0, 1)]
+    batch = ds.take_batch(4, batch_format="numpy")
+    for column, (dtype, shape) in SCHEMA.items():
+        assert batch[column].dtype == dtype and batch[column].shape == (4, *shape), column
+    for row in rows:
+        _check_clip(row, videos)
+    before = _listing(storage, output)
+    again = run(_config(str(videos), output))
+    assert again["run"] is None and again["clips_written"] == 0 and again["videos_skipped"] == 2 + len(BAD)
+    assert _listing(storage, output) == before  # nothing new, nothing rewritten
+
+
+def test_s3_run_with_silent_allowed_vae_and_incremental_resume(ray_local, videos, s3_bucket, storage, tiny_vae):
+    from model.vae import load_vae
+
+    input_uri, output = f"{s3_bucket}/raw", f"{s3_bucket}/shards"
+    for path in sorted(videos.iterdir()):
+        if path.stem != "good1":  # good1 arrives after the first run
+            storage.upload_file(path, f"{input_uri}/{path.name}")
+    cfg = _config(input_uri, output, storage=storage.cfg, audio={"allow_silent": True},
+                  vae={"enabled": True, "path": str(tiny_vae), "batch_size": 4})
+    first = run(cfg)
+    assert (first["videos_ok"], first["videos_failed"], first["clips_written"]) == (2, len(BAD) - 1, 4)
+    errors = {Path(e["source"]).stem: e["stage"] for e in _read_errors(storage, output, "run-0001")}
+    assert errors == {name: stage for name, (stage, _) in BAD.items() if name != "silent"}
+    for name in ("good1.mp4", "good1.json"):
+        storage.upload_file(videos / name, f"{input_uri}/{name}")
+    second = run(cfg)
+    assert (second["run"], second["videos_ok"], second["clips_written"], second["videos_skipped"]) == (
+        "run-0002", 1, 2, len(BAD) + 1)
+    assert not _read_errors(storage, output, "run-0002")
+    manifest, ds = _read_shards(ray_local, storage, output)
+    assert [r["run"] for r in manifest["runs"]] == ["run-0001", "run-0002"] and manifest["counts"]["clips"] == 6
+    rows = sorted(ds.take_all(), key=lambda r: (r["source"], r["clip_index"]))
+    assert [(Path(r["source"]).stem, r["clip_index"]) for r in rows] == [
+        (n, i) for n in ("good0", "good1", "silent") for i in (0, 1)]
+    silent = [r for r in rows if r["video_id"] == "silent"]
+    assert all(not r["has_audio"] for r in silent) and all(r["has_audio"] for r in rows if r["video_id"] != "silent")
+    vae = load_vae(str(tiny_vae))
+    for row in rows:
+        _check_clip({**row, "source": str(videos / Path(row["source"]).name)}, videos)
+        np.testing.assert_allclose(row["latents"], vae.encode(row["frames"][None])[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(row["ref_latent"], vae.encode(row["ref_frame"][None, None])[0].numpy(), atol=1e-4)
+        assert row["face_latents"].shape[0] == 16 and row["face_latents"].shape[2:] == (8, 8)
+    before = _listing(storage, output)
+    assert run(cfg)["clips_written"] == 0 and _listing(storage, output) == before
+
+
+def test_motion_mask_marks_both_neighbours_and_pools():
+    frames = np.zeros((1, 5, 8, 8, 3), np.uint8)
+    frames[0, 2, 0, 0, 1] = 255  # one pixel lights up in frame 2 only
+    mask = stages.motion_mask(frames, delta=0.1, factor=4)
+    assert mask.shape == (1, 5, 2, 2) and mask.dtype == np.float32
+    np.testing.assert_array_equal(mask[0, :, 0, 0], [0, 1 / 16, 1 / 16, 1 / 16, 0])
+    assert mask[0, :, 1:, :].sum() == 0 and mask[0, :, :, 1:].sum() == 0
+    frames[0, 2, 0, 0, 1] = 20  # below delta * 255 = 25.5
+    assert stages.motion_mask(frames, delta=0.1, factor=4).sum() == 0
+
+
+def test_clip_starts_geometry_and_tracks():
+    np.testing.assert_array_equal(stages.clip_starts(20, 8, 4), [0, 4, 8, 12])
+    assert len(stages.clip_starts(7, 8, 8)) == 0
+    scale, tx, ty = stages.fit_transform((128, 64), (64, 64), "crop")  # cover: x2 height -> 128 wide, crop 64
+    assert (scale, tx, ty) == (1.0, -32.0, 0.0)
+    assert stages.fit_transform((128, 64), (64, 64), "pad") == (0.5, 0.0, 16.0)
+    np.testing.assert_array_equal(stages.resample_track(np.arange(30), 30.0, 15.0, 5), [0, 2, 4, 6, 8])
+    np.testing.assert_array_equal(stages.slice_audio(np.arange(10, dtype=np.float32), 1, 2, 16.0, 16),
+                                  [2, 3, 0, 0])
+
+
+def test_face_track_fill_smooth_crop_and_no_face():
+    boxes = np.array([[10, 10, 20, 20], [np.nan] * 4, [14, 10, 24, 20]], np.float32)
+    filled, found = stages.fill_missing_boxes(boxes)
+    np.testing.assert_allclose(filled[1], [12, 10, 22, 20]) and np.testing.assert_allclose(found, 2 / 3)
+    smoothed = stages.smooth_boxes(filled, 3)
+    np.testing.assert_allclose(smoothed[1], [12, 10, 22, 20], atol=1e-5)
+    np.testing.assert_allclose(smoothed[0], [(10 + 10 + 12) / 3, 10, (20 + 20 + 22) / 3, 20], atol=1e-5)
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    frames[:, 10:20, 10:20] = 200
+    crops = stages.crop_faces(frames[:1], np.array([[10, 10, 20, 20]], np.float32), size=10, margin=1.0)
+    assert crops.shape == (1, 10, 10, 3) and crops.min() == 200  # exactly the box
+    assert np.isnan(stages.detect_faces_haar(np.zeros((2, 64, 64, 3), np.uint8))).all()
+
+
+def test_pose_extractor_decoding_and_missing_onnxruntime(tmp_path):
+    simcc_x = np.zeros((1, 17, 384), np.float32)
+    simcc_y = np.zeros((1, 17, 512), np.float32)
+    simcc_x[0, :, 100], simcc_y[0, :, 50] = 0.9, 0.7
+    np.testing.assert_allclose(decode_simcc(simcc_x, simcc_y)[0, 0], [50, 25, 0.7])
+    heat = np.zeros((1, 17, 64, 48), np.float32)
+    heat[0, 3, 10, 20] = 0.8
+    np.testing.assert_allclose(decode_heatmaps(heat, (192, 256))[0, 3], [(20.5) * 4, (10.5) * 4, 0.8])
+    pytest.importorskip  # noqa: B018 - onnxruntime is an optional extra that is not installed here
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'human-animation-platform\[pose\]'"):
+            OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
+    else:
+        with pytest.raises(FileNotFoundError):
+            OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
+
+
+def test_config_validation_and_tiny_example():
+    cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml")
+    assert (cfg.clip_frames, cfg.stride, cfg.width, cfg.fit, cfg.face.size) == (8, 8, 64, "crop", 32)
+    with pytest.raises(ConfigError, match="fit"):
+        load_config(PreprocessConfig, None, ["input=a", "output=b", "fit=stretch"])
+    with pytest.raises(ConfigError, match="not a multiple of latent_spatial_factor"):
+        load_config(PreprocessConfig, None, ["input=a", "output=b", "width=66"])
+    with pytest.raises(ConfigError, match="model_path"):
+        load_config(PreprocessConfig, None, ["input=a", "output=b", "pose.extractor=onnx"])
