@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -213,6 +214,15 @@ def validate_segments(segments: Sequence[SegmentPlan]) -> None:
         raise ValueError(f"last segment {segments[-1].name!r} must end at sigma 0.0, ends at {segments[-1].sigma_low}")
 
 
+def _report_in_segment(
+    callback: ProgressCallback | None, segment: str, steps_before: int, total: int, nfe_before: int,
+    step: int, sigma: float, sigma_next: float, segment_nfe: int,
+) -> None:
+    """Progress of a step inside one segment, counted over the whole plan."""
+    if callback is not None:
+        callback(SamplerProgress(steps_before + step, total, sigma, sigma_next, nfe_before + segment_nfe, segment))
+
+
 def sample_segment_routed(
     model_fn: ModelFn,
     x: torch.Tensor,
@@ -240,11 +250,7 @@ def sample_segment_routed(
         if adapter_switch is not None:
             adapter_switch(seg.adapter)
         sigmas = inference_sigmas(seg.steps, shift, low=seg.sigma_low, high=seg.sigma_high)
-
-        def report(step: int, sigma: float, sigma_next: float, seg_nfe: int, _seg=seg, _base=(done_steps, nfe)):
-            if callback is not None:
-                callback(SamplerProgress(_base[0] + step, total, sigma, sigma_next, _base[1] + seg_nfe, _seg.name))
-
+        report = partial(_report_in_segment, callback, seg.name, done_steps, total, nfe)
         result = _euler_loop(model_fn, x, sigmas, cond, uncond, seg.guidance, report)
         x, nfe, done_steps = result.x, nfe + result.nfe, done_steps + seg.steps
     return SampleResult(x=x, nfe=nfe)
