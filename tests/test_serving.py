@@ -1,0 +1,280 @@
+"""The Serve app: real Ray Serve on a local Ray, real HTTP on 127.0.0.1, real MP4s, real moto S3 over HTTP.
+
+Two applications run in one Serve instance (started once per module):
+* ``/s3``: outputs on the moto S3 server, API key on, tight limits (max_ongoing 2 + max_queued 2).
+* ``/local``: outputs in a local folder, no API key.
+Both use the tiny preset with random init and a random tiny VAE written here (fast, and independent
+of the checked-in VAE); the pixels are noise, which is all these tests need.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import socket
+import time
+import wave as wavefile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-0123456789"
+FPS = 16.0
+
+
+def _png(width: int = 80, height: int = 96) -> bytes:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 3 % 256, yy * 2 % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(seconds: float, rate: int = 22050) -> bytes:
+    """A 440 Hz tone as 16-bit PCM WAV at `rate` (the server resamples to 16 kHz)."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wavefile.open(buf, "wb") as out:
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return buf.getvalue()
+
+
+def _keypoints(frames: int) -> bytes:
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.uniform(8, 56, (frames, 17, 2)), np.ones((frames, 17, 1))], -1)
+    return json.dumps(points.tolist()).encode()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> str:
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_vae")
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                     temperal_downsample=[False, False]).save_pretrained(folder)
+    return str(folder)
+
+
+def _args(tiny_vae: str, output: str, **extra) -> dict:
+    base = {"model": {"preset": "tiny", "vae_path": tiny_vae}, "output": output, "torch_threads": 1,
+            "limits": {"max_upload_bytes": 200_000, "max_steps": 8, "max_frames": 32, "max_duration_s": 2.0},
+            "animator": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2,
+                         "num_cpus": 0.5, "num_gpus": 0, "max_batch_size": 2}}
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(scope="module")
+def serve_urls(s3_server, tiny_vae, tmp_path_factory):
+    """Ray + Serve with the two apps; s3_server is requested first so Ray workers inherit its AWS env."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    bucket = "serve-test-bucket"
+    s3_server.client().create_bucket(Bucket=bucket)
+    local_out = tmp_path_factory.mktemp("serve_out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SERVE_TEST_API_KEY", KEY)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        s3_args = _args(tiny_vae, f"s3://{bucket}/serve", api_key_env="SERVE_TEST_API_KEY",
+                        allowed_s3_buckets=[bucket], retry_after_s=3)
+        serve.run(build_app(s3_args), name="s3", route_prefix="/s3")
+        serve.run(build_app(_args(tiny_vae, str(local_out))), name="local", route_prefix="/local")
+        try:
+            yield {"s3": f"http://127.0.0.1:{port}/s3", "local": f"http://127.0.0.1:{port}/local",
+                   "bucket": bucket, "local_out": local_out, "s3_server": s3_server}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+def _post(url: str, files: dict, data: dict | None = None, key: str | None = KEY) -> requests.Response:
+    headers = {"X-API-Key": key} if key else {}
+    return requests.post(f"{url}/v1/animations", files=files, data=data or {}, headers=headers, timeout=120)
+
+
+def _probe_mp4(content: bytes, tmp_path: Path):
+    from model.media import decode_audio, decode_video, probe
+
+    path = tmp_path / f"out{time.monotonic_ns()}.mp4"
+    path.write_bytes(content)
+    return probe(path), decode_video(path, FPS, (64, 64)), (decode_audio(path) if probe(path).has_audio else None)
+
+
+# --------------------------------------------------------------------------- no Ray
+def test_config_yaml_passes_serve_deploy_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.config import ServeAppConfig
+
+    for name in ("config.yaml", "config.dev.yaml"):
+        data = yaml.safe_load((REPO / "serving" / name).read_text())
+        schema = ServeDeploySchema.model_validate(data)
+        assert schema.applications[0].import_path == "serving.app:build_app"
+        cfg = ServeAppConfig.model_validate(data["applications"][0]["args"])
+        assert cfg.sampler == "consistency" and cfg.steps == 4
+    cluster = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())["applications"][0]["args"]
+    assert cluster["api_key_env"] == "ANIMATION_API_KEY" and "api_key" not in cluster
+    with pytest.raises(ValueError, match="api_key_env"):
+        ServeAppConfig(api_key_env="sk-literal key")
+
+
+def test_engine_batch_of_one_matches_generate(tiny_vae):
+    import torch
+
+    from model.generate import generate
+    from serving.config import ServeAppConfig
+    from serving.engine import AnimationEngine
+    from serving.inputs import AnimationRequest, decode_image
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    engine = AnimationEngine(ServeAppConfig(model={"preset": "tiny", "vae_path": tiny_vae}))
+    ref = decode_image(_png(), "image", 64, 64, 10**6)
+    audio = np.sin(np.arange(8000) / 10).astype(np.float32)
+    one = AnimationRequest(ref, audio, None, 6, FPS, 2, seed=7)
+    other = AnimationRequest(ref[::-1].copy(), None, np.asarray(json.loads(_keypoints(6)), np.float32), 6, FPS, 2, seed=3)
+    steps_seen = []
+    batch = engine.generate_batch([one, other], [lambda d, t: steps_seen.append((d, t)), None])
+    direct = generate(engine.model, engine.vae, engine.conditions(one), None, 6, 64, 64,
+                      sampler="consistency", steps=2, seed=7)
+    alone = engine.generate_batch([other])[0]
+    assert batch[0].frames.shape == (6, 64, 64, 3) and batch[0].nfe == direct.nfe == 2
+    assert np.abs(batch[0].frames.astype(int) - direct.frames.numpy().astype(int)).max() <= 1
+    assert np.abs(batch[1].frames.astype(int) - alone.frames.astype(int)).max() <= 1
+    assert not np.array_equal(batch[0].frames, batch[1].frames)
+    assert steps_seen == [(1, 2), (2, 2)]
+
+
+# --------------------------------------------------------------------------- Serve over HTTP
+def test_sync_returns_mp4_with_requested_frames_and_audio(serve_urls, tmp_path):
+    response = _post(serve_urls["s3"], {"image": ("ref.png", _png(), "image/png"),
+                                        "audio": ("a.wav", _wav(0.5), "audio/wav")},
+                     {"fps": FPS, "steps": 2, "seed": 1})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "video/mp4" and response.headers["X-Frames"] == "8"
+    info, frames, audio = _probe_mp4(response.content, tmp_path)
+    assert info.has_video and info.has_audio and (info.width, info.height) == (64, 64)
+    assert frames.shape == (8, 64, 64, 3)
+    assert abs(info.duration_s - 0.5) < 0.1
+    assert abs(audio.size / 16000 - 0.5) < 0.07 and np.abs(audio).max() > 0.2  # the tone made it through AAC
+
+    pose = _post(serve_urls["s3"], {"image": ("ref.png", _png(), "image/png"),
+                                    "keypoints": ("k.json", _keypoints(6), "application/json")},
+                 {"frames": 6, "fps": FPS, "steps": 2})
+    assert pose.status_code == 200, pose.text
+    info, frames, _ = _probe_mp4(pose.content, tmp_path)
+    assert frames.shape[0] == 6 and not info.has_audio
+
+
+def test_api_key_required(serve_urls):
+    files = {"image": ("ref.png", _png(), "image/png")}
+    for key in (None, "wrong"):
+        response = _post(serve_urls["s3"], files, {"steps": 1}, key=key)
+        assert response.status_code == 401 and response.json()["error"]["field"] == "X-API-Key"
+    assert requests.get(f"{serve_urls['s3']}/healthz", timeout=10).status_code == 200  # health needs no key
+    assert requests.get(f"{serve_urls['s3']}/readyz", timeout=10).json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize("files,data,status,field", [
+    ({"image": ("big.png", b"\x89PNG" + b"0" * 250_000, "image/png")}, {}, 413, "image"),
+    ({"image": ("x.png", b"this is not an image", "image/png")}, {}, 422, "image"),
+    ({"image": ("ref.png", "PNG", "image/png"), "audio": ("a.wav", b"RIFF garbage", "audio/wav")}, {}, 422, "audio"),
+    ({"image": ("ref.png", "PNG", "image/png"), "audio": ("a.wav", "WAV3S", "audio/wav")}, {}, 413, "audio"),
+    ({"image": ("ref.png", "PNG", "image/png")}, {"steps": 99}, 422, "steps"),
+    ({"image": ("ref.png", "PNG", "image/png")}, {"frames": "many"}, 422, "frames"),
+    ({"image": ("ref.png", "PNG", "image/png")}, {"frames": 33}, 422, "frames"),
+    ({"image": ("ref.png", "PNG", "image/png"), "keypoints": ("k.json", b"[[1, 2]]", "application/json")}, {}, 422, "keypoints"),
+    ({"image": ("ref.png", "PNG", "image/png"), "pose_video": ("p.mp4", b"x" * 10, "video/mp4")}, {}, 422, "pose_video"),
+    ({}, {"image_uri": "https://example.com/a.png"}, 422, "image_uri"),
+    ({}, {"image_uri": "s3://someone-elses-bucket/a.png"}, 403, "image_uri"),
+    ({}, {}, 422, "image"),
+])
+def test_bad_input_is_4xx_naming_the_field(serve_urls, files, data, status, field):
+    replace = {"PNG": _png(), "WAV3S": _wav(3.0)}
+    files = {k: (n, replace.get(c, c) if isinstance(c, str) else c, t) for k, (n, c, t) in files.items()}
+    response = _post(serve_urls["s3"], files, data)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["field"] == field
+
+
+def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_path):
+    url = serve_urls["local"]
+    response = _post(url, {"image": ("ref.png", _png(), "image/png")}, {"frames": 8, "steps": 4, "mode": "async"}, key=None)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    seen, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline:
+        record = requests.get(f"{url}/v1/animations/{job_id}", timeout=10).json()
+        seen.append((record["status"], record["progress"]["done"]))
+        if record["status"] in ("done", "failed"):
+            break
+        time.sleep(0.05)
+    assert record["status"] == "done", record
+    assert record["progress"] == {"done": 4, "total": 4} and record["nfe"] == 4
+    assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))  # progress never goes back
+    stored = json.loads((serve_urls["local_out"] / "jobs" / f"{job_id}.json").read_text())
+    assert stored["status"] == "done" and (serve_urls["local_out"] / "videos" / f"{job_id}.mp4").is_file()
+    video = requests.get(f"{url}/v1/animations/{job_id}/video", timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    assert _probe_mp4(video.content, tmp_path)[1].shape[0] == 8
+    assert requests.get(f"{url}/v1/animations/{'0' * 32}", timeout=10).status_code == 404
+    assert requests.get(f"{url}/v1/animations/..%2Fetc", timeout=10).status_code == 404
+
+
+def test_s3_output_redirects_to_presigned_url_and_s3_input(serve_urls, tmp_path):
+    url, bucket = serve_urls["s3"], serve_urls["bucket"]
+    serve_urls["s3_server"].client().put_object(Bucket=bucket, Key="inputs/ref.png", Body=_png())
+    response = _post(url, {}, {"image_uri": f"s3://{bucket}/inputs/ref.png", "frames": 4, "steps": 1, "mode": "async"})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 90
+    while requests.get(f"{url}/v1/animations/{job_id}", headers={"X-API-Key": KEY}, timeout=10).json()["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    redirect = requests.get(f"{url}/v1/animations/{job_id}/video", headers={"X-API-Key": KEY},
+                            allow_redirects=False, timeout=10)
+    assert redirect.status_code == 307, redirect.text
+    location = redirect.headers["location"]
+    assert location.startswith(serve_urls["s3_server"].endpoint_url) and "Signature" in location
+    assert f"/{bucket}/serve/videos/{job_id}.mp4" in location
+    video = requests.get(location, timeout=10)
+    assert video.status_code == 200
+    assert _probe_mp4(video.content, tmp_path)[1].shape[0] == 4
+
+
+def test_burst_beyond_capacity_gets_503_and_accepted_requests_complete(serve_urls, tmp_path):
+    files = {"image": ("ref.png", _png(), "image/png")}
+    burst = 10  # capacity is max_ongoing 2 + max_queued 2 on the one replica
+    with concurrent.futures.ThreadPoolExecutor(burst) as pool:
+        responses = list(pool.map(lambda s: _post(serve_urls["s3"], files, {"frames": 8, "steps": 2, "seed": s}),
+                                  range(burst)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] == "3" and r.json()["error"]["message"]
+        else:
+            assert _probe_mp4(r.content, tmp_path)[1].shape == (8, 64, 64, 3)
