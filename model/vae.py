@@ -1,0 +1,237 @@
+"""Video VAE: diffusers' `AutoencoderKLWan` behind one small wrapper with the project's conventions.
+
+Latents leave `encode` normalised per channel, ``(z - latents_mean) / latents_std``, exactly as the
+diffusers Wan pipelines do before the transformer (and undo before decoding), so every later stage
+sees roughly unit-variance latents whatever VAE is loaded.
+
+* tiny default: a checked-in `AutoencoderKLWan` folder (`model/assets/tiny_vae/`, fitted to the
+  synthetic puppet world by `ray_jobs.fit_vae`): z_dim 16, spatial factor 4, temporal factor 1.
+* real presets: the Wan 2.1 / 2.2 VAE as a diffusers folder, local or ``s3://`` (copied through
+  `model.storage.Storage`).
+
+Where we deliberately do not call diffusers' own `decode`: `AutoencoderKLWan._decode` keeps the
+whole decoded clip in one growing tensor on the model's device. `VideoVAE.iter_decode` runs the same
+causal per-latent-frame loop (same feature cache, so the result is identical) but hands the pixels
+out in chunks of latent frames, which `decode` can move to another device (``out_device="cpu"``) as
+they come; long videos then need accelerator memory for one chunk only. Frames larger than the tile
+size go through diffusers' own `tiled_decode` (spatial tiles, whole clip per tile) instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from model.config import StrictConfig
+
+__all__ = ["VAEConfig", "VideoVAE", "load_vae", "TINY_VAE_PATH", "frames_to_model_input", "video_to_uint8"]
+
+TINY_VAE_PATH = Path(__file__).resolve().parent / "assets" / "tiny_vae"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class VAEConfig(StrictConfig):
+    """Which VAE to load and how to run it."""
+
+    path: str | None = Field(None, description="diffusers AutoencoderKLWan folder (local or s3://); None = tiny checked-in VAE")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights and compute dtype")
+    sample_posterior: bool = Field(False, description="encode to a posterior sample instead of its mode (mode is deterministic)")
+    decode_chunk_frames: int = Field(4, ge=1, description="latent frames decoded per chunk (bounds decode memory)")
+    tiling: bool = Field(False, description="spatially tiled encode/decode for frames larger than the tile (diffusers enable_tiling)")
+    tile_sample_size: int = Field(256, ge=16, description="tile edge in pixels when tiling")
+    tile_sample_stride: int = Field(192, ge=8, description="tile stride in pixels when tiling (overlap = size - stride)")
+
+
+def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]; float (B, 3, T, H, W) passes checked."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    if frames.ndim != 5:
+        raise ValueError(f"frames must be 5-D: uint8 (B,T,H,W,3) or float (B,3,T,H,W); got shape {tuple(frames.shape)}")
+    if frames.dtype == torch.uint8:
+        if frames.shape[-1] != 3:
+            raise ValueError(f"uint8 frames must be (B,T,H,W,3); got shape {tuple(frames.shape)}")
+        return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be uint8 or floating point; got {frames.dtype}")
+    if frames.shape[1] != 3:
+        raise ValueError(f"float frames must be (B,3,T,H,W); got shape {tuple(frames.shape)}")
+    lo, hi = float(frames.min()), float(frames.max())
+    if lo < -1.001 or hi > 1.001:  # catches [0, 255] floats passed by mistake
+        raise ValueError(f"float frames must lie in [-1, 1]; got range [{lo:.3f}, {hi:.3f}]")
+    return frames
+
+
+def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3) on the CPU (rounded, clipped)."""
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video must be float (B,3,T,H,W); got shape {tuple(video.shape)}")
+    pixels = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().cpu()
+
+
+class VideoVAE:
+    """`AutoencoderKLWan` with normalised latents, shape checks and chunked decode.
+
+    encode: frames uint8 (B, T, H, W, 3) or float (B, 3, T, H, W) -> latents (B, C, t, h, w)
+    decode: latents (B, C, t, h, w) -> float (B, 3, T, H, W) in [-1, 1]
+    with h = H / spatial_factor and t = 1 + (T - 1) / temporal_factor (Wan's causal first frame).
+    """
+
+    def __init__(self, vae: Any, config: VAEConfig | None = None) -> None:
+        self.vae = vae.eval().requires_grad_(False)
+        self.config = config or VAEConfig()
+        channels = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+        if mean.numel() != channels or std.numel() != channels:
+            raise ValueError(f"latents_mean/std have {mean.numel()}/{std.numel()} entries, z_dim is {channels}")
+        self._mean = mean.view(1, channels, 1, 1, 1)
+        self._std = std.view(1, channels, 1, 1, 1)
+        if self.config.tiling:
+            vae.enable_tiling(self.config.tile_sample_size, self.config.tile_sample_size,
+                              self.config.tile_sample_stride, self.config.tile_sample_stride)
+
+    # geometry ---------------------------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell: one 2x downsample per dim_mult stage after the first, times the patch size."""
+        return 2 ** (len(self.vae.config.dim_mult) - 1) * (self.vae.config.patch_size or 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(flag) for flag in self.vae.config.temperal_downsample)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        """Latent frames for `num_frames` pixel frames; loud error when T is not 1 + k * temporal_factor."""
+        factor = self.temporal_factor
+        if num_frames < 1 or (num_frames - 1) % factor:
+            raise ValueError(f"T={num_frames} frames do not fit temporal factor {factor}: need T = 1 + k*{factor}")
+        return 1 + (num_frames - 1) // factor
+
+    def to(self, device: str | torch.device | None = None) -> "VideoVAE":
+        self.vae.to(device=device)
+        return self
+
+    # latents normalisation (diffusers Wan pipelines: (z - mean) * (1 / std)) ------------------
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw posterior latents (B, C, t, h, w) -> normalised latents, per channel."""
+        return (z - self._mean.to(z.device, z.dtype)) / self._std.to(z.device, z.dtype)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w) -> raw latents the decoder takes."""
+        return latents * self._std.to(latents.device, latents.dtype) + self._mean.to(latents.device, latents.dtype)
+
+    # encode / decode --------------------------------------------------------------------------
+    def _check_pixels(self, x: torch.Tensor) -> None:
+        _, _, num_frames, height, width = x.shape
+        self.num_latent_frames(num_frames)
+        factor = self.spatial_factor
+        if height % factor or width % factor:
+            raise ValueError(f"frame size {height}x{width} is not a multiple of the spatial factor {factor}")
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor | np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Frames uint8 (B, T, H, W, 3) or float (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, t, h, w)."""
+        x = frames_to_model_input(frames)
+        self._check_pixels(x)
+        x = x.to(self.device, self.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample(generator=generator) if self.config.sample_posterior else posterior.mode()
+        return self.normalize(z.float())
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be (B,{self.latent_channels},t,h,w); got shape {tuple(latents.shape)}")
+
+    def _tiles_apply(self, z: torch.Tensor) -> bool:
+        tile = self.vae.tile_sample_min_height // self.vae.spatial_compression_ratio
+        return bool(self.vae.use_tiling) and max(z.shape[-2:]) > tile
+
+    @torch.no_grad()
+    def iter_decode(self, latents: torch.Tensor, chunk_frames: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield decoded pixel chunks float (B, 3, T_chunk, H, W) in [-1, 1], `chunk_frames` latent frames each.
+
+        Same causal loop and feature cache as `AutoencoderKLWan._decode`, so the concatenated chunks
+        equal a one-shot decode exactly.
+        """
+        self._check_latents(latents)
+        vae = self.vae
+        z = self.denormalize(latents.to(self.device, torch.float32)).to(self.dtype)
+        if self._tiles_apply(z):
+            yield vae.tiled_decode(z).sample
+            return
+        chunk = chunk_frames or self.config.decode_chunk_frames
+        vae.clear_cache()
+        try:
+            for start in range(0, z.shape[2], chunk):
+                pieces = []
+                for k in range(start, min(start + chunk, z.shape[2])):
+                    vae._conv_idx = [0]  # diffusers resets the conv counter per latent frame
+                    x = vae.post_quant_conv(z[:, :, k : k + 1])
+                    pieces.append(vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0))
+                out = torch.cat(pieces, dim=2)
+                if vae.config.patch_size is not None:
+                    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+                    out = unpatchify(out, patch_size=vae.config.patch_size)
+                yield out.clamp(-1.0, 1.0)
+        finally:
+            vae.clear_cache()
+
+    def decode(self, latents: torch.Tensor, chunk_frames: int | None = None,
+               out_device: str | torch.device | None = None) -> torch.Tensor:
+        """Normalised latents (B, C, t, h, w) -> float32 video (B, 3, T, H, W) in [-1, 1], decoded in time chunks."""
+        target = torch.device(out_device) if out_device is not None else latents.device
+        chunks = [piece.to(target, torch.float32) for piece in self.iter_decode(latents, chunk_frames)]
+        return torch.cat(chunks, dim=2)
+
+    @staticmethod
+    def to_uint8(video: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3) on the CPU."""
+        return video_to_uint8(video)
+
+
+def _resolve_local_dir(path: str, storage: Any) -> Path:
+    """A local folder for `path`; ``s3://`` URIs are copied down through `model.storage.Storage`."""
+    if "://" in path:
+        if storage is None:
+            from model.storage import Storage, StorageConfig  # lazy: storage pulls in boto3
+
+            storage = Storage(StorageConfig())
+        return Path(storage.local_copy(path))
+    local = Path(path)
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local} is not a diffusers AutoencoderKLWan folder (no config.json)")
+    return local
+
+
+def load_vae(path: str | None = None, storage: Any = None, device: str | torch.device | None = None,
+             config: VAEConfig | None = None) -> VideoVAE:
+    """Load an `AutoencoderKLWan` folder (local or s3://; None = the tiny checked-in VAE) as a `VideoVAE`."""
+    from diffusers import AutoencoderKLWan
+
+    config = config or VAEConfig()
+    path = path if path is not None else config.path
+    local = TINY_VAE_PATH if path is None else _resolve_local_dir(str(path), storage)
+    vae = AutoencoderKLWan.from_pretrained(str(local), torch_dtype=_DTYPES[config.dtype])
+    if device is not None:
+        vae.to(device)
+    return VideoVAE(vae, config)

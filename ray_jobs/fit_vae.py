@@ -1,0 +1,280 @@
+"""Fit the tiny `AutoencoderKLWan` to the synthetic puppet world and save it as a diffusers folder.
+
+`python -m ray_jobs.fit_vae --out model/assets/tiny_vae [--steps N --seed S] [--set key=value ...]`
+
+No pretrained VAE can be downloaded here, so the tiny default is fitted from scratch on frames the
+synthetic renderer draws: 64x64 full frames and 32x32 face crops (the face path of the model encodes
+those), held-out identities for evaluation. Loss: L1 + MSE on pixels plus a small KL, Adam.
+
+The tiny VAE is made frame-wise on purpose: the causal convolutions' two past-time taps start at
+zero and, since training sees single frames (T = 1, Wan's causal padding gives those taps zero
+inputs and so zero gradients), they stay zero. A frame's latent then does not depend on its
+neighbours (a reference frame encodes the same alone or inside a clip) and training is 1 frame per
+sample instead of a clip. The class, config and decode loop are unchanged diffusers `AutoencoderKLWan`.
+The output folder gets `latents_mean`/`latents_std` measured on the training frames and a
+`FIT_REPORT.json` (steps, seconds, train/held-out PSNR on frames and face crops, encode+decode ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from model.config import StrictConfig
+from ray_jobs.common import parse_job_config, setup_logging
+
+__all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "zero_past_time_taps", "psnr",
+           "past_time_taps_are_zero", "face_crops", "render_identity_frames", "fit_vae", "main"]
+
+log = logging.getLogger(__name__)
+
+# (identity, num_frames, rng) -> (frames uint8 (T, H, W, 3), face boxes (T, 4) x0 y0 x1 y1 pixels)
+FrameSource = Callable[[object, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class TinyVAEArchitecture(StrictConfig):
+    """`AutoencoderKLWan` constructor arguments of the tiny VAE (spatial factor 2**(len(dim_mult)-1))."""
+
+    base_dim: int = Field(16, ge=4)
+    z_dim: int = Field(16, ge=1)
+    dim_mult: list[int] = Field([1, 2, 2], min_length=2)
+    num_res_blocks: int = Field(1, ge=1)
+
+
+class FitVAEConfig(StrictConfig):
+    """Options of `python -m ray_jobs.fit_vae`."""
+
+    out: str = Field("model/assets/tiny_vae", description="output diffusers folder (local)")
+    steps: int = Field(400, ge=1, description="optimizer steps")
+    max_seconds: float | None = Field(None, gt=0, description="stop early after this much training time")
+    seed: int = Field(0, ge=0, description="initialisation and batch sampling seed")
+    lr: float = Field(2e-3, gt=0)
+    batch_frames: int = Field(8, ge=1, description="64x64 frames per step")
+    batch_faces: int = Field(8, ge=0, description="32x32 face crops per step")
+    kl_weight: float = Field(1e-6, ge=0)
+    mse_weight: float = Field(1.0, ge=0)
+    l1_weight: float = Field(1.0, ge=0)
+    world_seed: int = Field(0, ge=0, description="synthetic world whose held-out identities are evaluated on")
+    num_identities: int = Field(8, ge=2, description="identities per world (as ray_jobs.synthetic)")
+    heldout_identities: int = Field(2, ge=1)
+    extra_train_seeds: int = Field(3, ge=0, description="extra worlds whose identities all train (more appearances)")
+    frames_per_identity: int = Field(32, ge=1)
+    size: int = Field(64, ge=16, description="full frame edge in pixels")
+    face_size: int = Field(32, ge=8, description="face crop edge in pixels")
+    eval_frames: int = Field(16, ge=1, description="frames per split for the PSNR report")
+    threads: int | None = Field(None, ge=1, description="torch threads (None = torch default)")
+    arch: TinyVAEArchitecture = TinyVAEArchitecture()
+
+
+def build_tiny_vae(arch: TinyVAEArchitecture, seed: int):
+    """A freshly initialised frame-wise `AutoencoderKLWan` (temporal factor 1)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)  # diffusers initialises through the global generator
+    stages = len(arch.dim_mult) - 1
+    vae = AutoencoderKLWan(
+        base_dim=arch.base_dim, z_dim=arch.z_dim, dim_mult=list(arch.dim_mult), num_res_blocks=arch.num_res_blocks,
+        temperal_downsample=[False] * stages, latents_mean=[0.0] * arch.z_dim, latents_std=[1.0] * arch.z_dim,
+        scale_factor_spatial=2**stages, scale_factor_temporal=1)
+    zero_past_time_taps(vae)
+    return vae
+
+
+@torch.no_grad()
+def zero_past_time_taps(vae) -> int:
+    """Zero the past-frame taps of every causal conv with temporal kernel > 1; return how many convs."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    count = 0
+    for module in vae.modules():
+        if isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1:
+            module.weight[:, :, :-1].zero_()  # causal: the last temporal tap is the current frame
+            count += 1
+    return count
+
+
+def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    """PSNR in dB of two float tensors in [-1, 1] (peak-to-peak 2), over all elements."""
+    mse = float(F.mse_loss(estimate.float(), reference.float()))
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def face_crops(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float = 1.25) -> np.ndarray:
+    """Square crops (T, size, size, 3) uint8 around boxes (T, 4), enlarged by `margin`, edge-padded."""
+    crops = np.empty((len(frames), size, size, 3), np.uint8)
+    pad = frames.shape[1]
+    for t, (frame, box) in enumerate(zip(frames, boxes)):
+        padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        cx, cy = (box[0] + box[2]) / 2 + pad, (box[1] + box[3]) / 2 + pad
+        half = max(box[2] - box[0], box[3] - box[1]) * margin / 2
+        x0, y0 = int(round(cx - half)), int(round(cy - half))
+        side = max(int(round(2 * half)), 2)
+        crops[t] = cv2.resize(padded[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
+    return crops
+
+
+def render_identity_frames(identity, num_frames: int, rng: np.random.Generator, size: int = 64,
+                           fps: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
+    """Frames uint8 (T, size, size, 3) and face boxes (T, 4) of `identity` dancing, from ray_jobs.synthetic."""
+    from ray_jobs.synthetic.motion import dance_keypoints, smooth_energy
+    from ray_jobs.synthetic.puppet import face_boxes, render_frames
+
+    energy = np.clip(smooth_energy(rng.uniform(0, 1, num_frames), fps), 0, 1)
+    keypoints = dance_keypoints(identity, rng, energy, fps, size, size)
+    mouth = rng.uniform(0, 1, num_frames)
+    return render_frames(identity, keypoints, mouth, size, size), face_boxes(keypoints)
+
+
+def _identities(cfg: FitVAEConfig) -> dict[str, list]:
+    """Train / held-out puppet identities; held-out = the world's held-out split (ray_jobs.synthetic)."""
+    from ray_jobs.synthetic import SyntheticConfig, identity_splits, make_identity
+
+    world = SyntheticConfig(seed=cfg.world_seed, num_identities=cfg.num_identities,
+                            heldout_identities=cfg.heldout_identities)
+    heldout_ids = set(identity_splits(world)["heldout"])
+    main_world = [make_identity(i, cfg.world_seed) for i in range(cfg.num_identities)]
+    extra = [make_identity(i, cfg.world_seed + 1000 + s)
+             for s in range(cfg.extra_train_seeds) for i in range(cfg.num_identities)]
+    return {"train": [p for p in main_world if p.identity_id not in heldout_ids] + extra,
+            "heldout": [p for p in main_world if p.identity_id in heldout_ids]}
+
+
+def _to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, 1, H, W) in [-1, 1]: N single-frame clips."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).unsqueeze(2).float().div(127.5).sub(1.0)
+
+
+def build_frame_pool(cfg: FitVAEConfig, split: str, rng: np.random.Generator,
+                     source: FrameSource | None = None) -> dict[str, torch.Tensor]:
+    """Rendered {'frames': (N, 3, 1, S, S), 'faces': (N, 3, 1, s, s)} pixels of one split's identities."""
+    source = source or (lambda ident, n, r: render_identity_frames(ident, n, r, cfg.size))
+    frames, faces = [], []
+    for identity in _identities(cfg)[split]:
+        clip, boxes = source(identity, cfg.frames_per_identity, rng)
+        frames.append(clip)
+        faces.append(face_crops(clip, boxes, cfg.face_size))
+    return {"frames": _to_pixels(np.concatenate(frames)), "faces": _to_pixels(np.concatenate(faces))}
+
+
+def _step_loss(vae, pixels: torch.Tensor, cfg: FitVAEConfig) -> torch.Tensor:
+    """L1 + MSE reconstruction of the posterior mean plus KL to N(0, I) (per element)."""
+    posterior = vae.encode(pixels).latent_dist
+    recon = vae.decode(posterior.mode()).sample
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    return cfg.l1_weight * F.l1_loss(recon, pixels) + cfg.mse_weight * F.mse_loss(recon, pixels) + cfg.kl_weight * kl
+
+
+def _sample(pool: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    return pool[torch.randint(len(pool), (count,), generator=gen)]
+
+
+def train(vae, pool: dict[str, torch.Tensor], cfg: FitVAEConfig) -> tuple[int, float]:
+    """Adam with cosine decay on random frames and face crops; returns (steps done, seconds)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
+    vae.train()
+    start, step = time.perf_counter(), 0
+    while step < cfg.steps and (cfg.max_seconds is None or time.perf_counter() - start < cfg.max_seconds):
+        loss = _step_loss(vae, _sample(pool["frames"], cfg.batch_frames, gen), cfg)
+        if cfg.batch_faces:
+            loss = loss + _step_loss(vae, _sample(pool["faces"], cfg.batch_faces, gen), cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        if step % 25 == 0 or step == 1:
+            log.info("step %d/%d loss %.5f (%.0fs)", step, cfg.steps, loss.item(), time.perf_counter() - start)
+    vae.eval()
+    return step, time.perf_counter() - start
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, pixels: torch.Tensor, batch: int = 16) -> float:
+    """PSNR (dB) of mode-encode -> decode over single-frame clips (N, 3, 1, H, W)."""
+    recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in pixels.split(batch)])
+    return psnr(pixels, recon)
+
+
+@torch.no_grad()
+def latent_statistics(vae, pixels: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of posterior modes over the given single-frame clips."""
+    latents = torch.cat([vae.encode(p).latent_dist.mode().transpose(0, 1).flatten(1) for p in pixels], dim=1)
+    return latents.mean(dim=1).tolist(), latents.std(dim=1).clamp_min(1e-4).tolist()
+
+
+@torch.no_grad()
+def encode_decode_ms(vae, size: int, frames: int = 8, repeats: int = 3) -> float:
+    """Median milliseconds of encode+decode of one (1, 3, frames, size, size) clip."""
+    clip = torch.rand(1, 3, frames, size, size) * 2 - 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        vae.decode(vae.encode(clip).latent_dist.mode())
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
+    """Fit, measure, save the diffusers folder and FIT_REPORT.json under cfg.out; return the report."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng([cfg.seed, 0xFA5E])
+    pools = {split: build_frame_pool(cfg, split, rng, source) for split in ("train", "heldout")}
+    vae = build_tiny_vae(cfg.arch, cfg.seed)
+    steps, seconds = train(vae, pools["train"], cfg)
+    if not past_time_taps_are_zero(vae):  # Adam never moves a parameter whose gradient is always 0
+        raise RuntimeError("past-time taps moved during training: the VAE is no longer frame-wise")
+    eval_gen = np.random.default_rng(cfg.seed)
+    report = {"steps": steps, "seconds": round(seconds, 1), "config": cfg.model_dump()}
+    for split, pool in pools.items():
+        for kind in ("frames", "faces"):
+            pick = torch.from_numpy(eval_gen.choice(len(pool[kind]), min(cfg.eval_frames, len(pool[kind])), replace=False))
+            report[f"psnr_{split}_{kind}"] = round(reconstruction_psnr(vae, pool[kind][pick]), 2)
+    mean, std = latent_statistics(vae, [pools["train"]["frames"][:256], pools["train"]["faces"][:256]])
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    report["encode_decode_ms_8x64x64"] = round(encode_decode_ms(vae, cfg.size), 1)
+    report["parameters"] = sum(p.numel() for p in vae.parameters())
+    out = Path(cfg.out)
+    vae.save_pretrained(str(out))
+    (out / "FIT_REPORT.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("saved %s: %s", out, {k: v for k, v in report.items() if k != "config"})
+    return report
+
+
+def past_time_taps_are_zero(vae) -> bool:
+    """True when every causal conv's past-frame taps are exactly zero (the VAE is frame-wise)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return all(not module.weight[:, :, :-1].any() for module in vae.modules()
+               if isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    shortcuts = argparse.ArgumentParser(add_help=False)
+    for flag in ("--out", "--steps", "--seed", "--max-seconds"):
+        shortcuts.add_argument(flag)
+    known, rest = shortcuts.parse_known_args(argv)
+    overrides = [f"{key}={value}" for key, value in vars(known).items() if value is not None]
+    rest = list(rest) + [item for pair in (("--set", o) for o in overrides) for item in pair]
+    cfg = parse_job_config(FitVAEConfig, rest, description=__doc__)
+    report = fit_vae(cfg)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
