@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from model.config import ConfigError, load_config
 from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
 from ray_jobs.preprocess import PreprocessConfig, run
 from ray_jobs.preprocess import stages
+from ray_jobs.preprocess.udfs import add_face_track
 from ray_jobs.preprocess.pose import OnnxPoseExtractor, decode_heatmaps, decode_simcc
 from ray_jobs.synthetic import SyntheticConfig, generate_video, sidecar_json
 
@@ -238,7 +240,29 @@ def test_face_track_fill_smooth_crop_and_no_face():
     frames[:, 10:20, 10:20] = 200
     crops = stages.crop_faces(frames[:1], np.array([[10, 10, 20, 20]], np.float32), size=10, margin=1.0)
     assert crops.shape == (1, 10, 10, 3) and crops.min() == 200  # exactly the box
-    assert np.isnan(stages.detect_faces_haar(np.zeros((2, 64, 64, 3), np.uint8))).all()
+    blank = np.zeros((2, 64, 64, 3), np.uint8)
+    if hasattr(cv2, "CascadeClassifier"):  # OpenCV 4.x bundles the cascade
+        assert np.isnan(stages.detect_faces_haar(blank)).all()
+    else:  # OpenCV 5 removed it: the face stage must say so (it becomes an error row, never silent)
+        with pytest.raises(RuntimeError, match="no Haar cascades"):
+            stages.detect_faces_haar(blank)
+
+
+def test_face_stage_sidecar_boxes_and_no_face_flag():
+    cfg = _config("in", "out", face={"detector": "none"})
+    frames = np.full((2, T, SIZE, SIZE, 3), 90, np.uint8)
+    boxes = np.tile(np.array([16, 16, 48, 48], np.float32), (2, T, 1))
+    batch = {"source": np.array(["a.mp4", "b.mp4"], object), "clip_index": np.array([0, 0]), "frames": frames,
+             "face_boxes": boxes, "has_face_boxes": np.array([True, False]),
+             "error_stage": np.array(["", ""], object), "error_reason": np.array(["", ""], object)}
+    out = add_face_track(batch, cfg)
+    assert out["has_face"].tolist() == [True, False] and list(out["error_stage"]) == ["", ""]
+    assert out["face_crops"].shape == (2, T, 32, 32, 3)
+    assert (out["face_crops"][0] == 90).mean() > 0.9 and not out["face_crops"][1].any()
+    np.testing.assert_allclose(out["face_boxes"][0], boxes[0]) and np.testing.assert_array_equal(out["face_boxes"][1], 0)
+    haar = add_face_track({**batch, "error_stage": np.array(["", ""], object)}, _config("in", "out"))
+    if not hasattr(cv2, "CascadeClassifier"):
+        assert list(haar["error_stage"]) == ["", "face"] and "no Haar cascades" in haar["error_reason"][1]
 
 
 def test_pose_extractor_decoding_and_missing_onnxruntime(tmp_path):

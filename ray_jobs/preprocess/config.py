@@ -45,6 +45,8 @@ class PoseStageConfig(StrictConfig):
 class FaceStageConfig(StrictConfig):
     """Face crop track: sidecar `face_boxes`, else OpenCV's bundled Haar cascade; smoothed over time."""
 
+    detector: Literal["haar", "none"] = Field("haar", description="for videos without sidecar face_boxes: OpenCV's "
+                                              "bundled Haar cascade (OpenCV 4.x), or 'none' (has_face=False)")
     size: int = Field(32, ge=8, description="face crop edge in pixels (Hf = Wf)")
     smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
     margin: float = Field(1.2, ge=1.0, description="crop edge = margin * max(box w, h), so the crop holds the whole head")

@@ -141,6 +141,9 @@ def crop_faces(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float) 
 @lru_cache(maxsize=1)
 def _haar_cascade() -> cv2.CascadeClassifier:
     """OpenCV's bundled frontal-face Haar cascade, loaded once per worker process."""
+    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved Haar cascades out of the main wheel
+        raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5): install "
+                           "'opencv-python-headless<5', ship sidecar face_boxes, or set face.detector='none'")
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
     if cascade.empty():
         raise RuntimeError(f"could not load the Haar cascade from {cv2.data.haarcascades}")

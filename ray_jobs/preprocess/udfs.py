@@ -252,7 +252,12 @@ def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
 
     def crop(i: int) -> np.ndarray:
         frames = batch["frames"][i]
-        raw = batch["face_boxes"][i] if batch["has_face_boxes"][i] else stages.detect_faces_haar(frames)
+        if batch["has_face_boxes"][i]:
+            raw = batch["face_boxes"][i]
+        elif face.detector == "haar":
+            raw = stages.detect_faces_haar(frames)
+        else:
+            raw = np.full((cfg.clip_frames, 4), np.nan, np.float32)
         filled, found = stages.fill_missing_boxes(np.asarray(raw, np.float32))
         if found < face.min_detect_fraction:
             return np.zeros((cfg.clip_frames, face.size, face.size, 3), np.uint8)  # no face: flag, zeros
