@@ -62,11 +62,14 @@ class Conditions:
                 return int(tensor.shape[0])
         raise ValueError("empty Conditions has no batch size")
 
-    def keep_mask(self, name: str, device: torch.device | None = None) -> torch.Tensor:
-        """(B,) bool: which samples use condition `name` (all False when its tensor is None)."""
+    def keep_mask(self, name: str, device: torch.device | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """(B,) bool: which samples use condition `name` (all False when its tensor is None).
+
+        `batch_size` is only needed for an empty Conditions (fully unconditional call)."""
         if name not in CONDITION_NAMES:
             raise KeyError(f"unknown condition {name!r}; known: {CONDITION_NAMES}")
-        batch = self.batch_size
+        empty = all(t is None for t in self._tensors().values()) and not self.keep
+        batch = batch_size if empty and batch_size is not None else self.batch_size
         device = device if device is not None else next(
             (t.device for t in self._tensors().values() if t is not None), torch.device("cpu"))
         if self._tensors()[name] is None:

@@ -218,7 +218,7 @@ class AnimationDenoiser(WanTransformer3DModel):
 
     def _ref_tokens(self, cond: Conditions, batch: int, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """(B, D, 1, h', w') ref contribution (or its null), broadcast over frames by the caller."""
-        keep = cond.keep_mask("ref", like.device)
+        keep = cond.keep_mask("ref", like.device, batch)
         if cond.ref_latent is None:
             return self.null_ref.to(like.dtype).view(1, -1, 1, 1, 1).expand(batch, -1, 1, *grid[1:])
         self._check_shape("ref_latent", cond.ref_latent, (batch, self.config.in_channels, 1, *like.shape[-2:]))
@@ -278,7 +278,7 @@ class AnimationDenoiser(WanTransformer3DModel):
 
     def _ref_frame(self, cond: Conditions, batch: int, grid: tuple[int, int, int], x: torch.Tensor) -> torch.Tensor:
         """(B, D, 1, h', w') tokens of the ref latent as an extra leading frame (null where dropped)."""
-        keep = cond.keep_mask("ref", x.device)
+        keep = cond.keep_mask("ref", x.device, batch)
         if cond.ref_latent is None:
             return self.null_ref_frame.to(x.dtype).view(1, -1, 1, 1, 1).expand(batch, -1, 1, *grid[1:])
         frame = self.patch_embedding(cond.ref_latent.to(x.dtype))
@@ -314,6 +314,8 @@ class AnimationDenoiser(WanTransformer3DModel):
         if return_aux and not cfg.aux_head:
             raise ValueError("return_aux=True needs a model built with aux_head=True")
         batch = x.shape[0]
+        if cond.keep_mask("ref", x.device, batch).shape[0] != batch:
+            raise ValueError(f"conditions have batch {cond.batch_size}, x has {batch}")
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
         hidden, grid = self._embed(x, cond)
         frames_total = grid[0] + int(cfg.ref_as_frame)
