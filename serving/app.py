@@ -10,8 +10,7 @@ that request only (500 JSON or a failed job record). `check_health` fails only a
 error, which leaves the CUDA context unusable; Serve then replaces the replica.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real types on the class-based routes.
 import asyncio
 import hmac
 import logging
@@ -23,7 +22,7 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
@@ -60,9 +59,18 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 @api.middleware("http")
 async def _guard(request: Request, call_next):
-    """API key on /v1/* (when configured) and a Content-Length cap, before any body is read."""
-    settings: _Settings | None = getattr(request.app.state, "settings", None)
-    if settings is not None and request.url.path.startswith("/v1/"):
+    """API key on /v1/* (when configured) and a Content-Length cap, before any body is read.
+
+    The settings live on the replica's `Ingress` instance (found through the replica context):
+    Serve runs a deserialised copy of `api`, so state set on the module's `api` would not be seen.
+    """
+    try:
+        settings: _Settings | None = getattr(serve.get_replica_context().servable_object, "settings", None)
+    except RayServeException:  # not inside a replica (e.g. the app under a plain ASGI test client)
+        settings = None
+    if settings is None:
+        return _error(503, None, "ingress not initialised", {"Retry-After": "1"})
+    if request.url.path.startswith("/v1/"):
         if settings.api_key is not None:
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
@@ -180,7 +188,7 @@ class Ingress:
 
     def __init__(self, animator: DeploymentHandle, cfg: dict[str, Any]) -> None:
         self.cfg = ServeAppConfig.model_validate(cfg)
-        api.state.settings = _Settings(self.cfg)
+        self.settings = _Settings(self.cfg)
         self.animator = animator
         self.storage = Storage(self.cfg.storage)
         self.jobs = JobStore(self.storage, self.cfg.output, self.cfg.job_stale_s)

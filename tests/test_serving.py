@@ -99,8 +99,10 @@ def serve_urls(s3_server, tiny_vae, tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         s3_args = _args(tiny_vae, f"s3://{bucket}/serve", api_key_env="SERVE_TEST_API_KEY",
                         allowed_s3_buckets=[bucket], retry_after_s=3)
-        serve.run(build_app(s3_args), name="s3", route_prefix="/s3")
-        serve.run(build_app(_args(tiny_vae, str(local_out))), name="local", route_prefix="/local")
+        from ray.serve.api import RunTarget
+
+        serve.run_many([RunTarget(build_app(s3_args), name="s3", route_prefix="/s3"),  # both start in parallel
+                        RunTarget(build_app(_args(tiny_vae, str(local_out))), name="local", route_prefix="/local")])
         try:
             yield {"s3": f"http://127.0.0.1:{port}/s3", "local": f"http://127.0.0.1:{port}/local",
                    "bucket": bucket, "local_out": local_out, "s3_server": s3_server}
