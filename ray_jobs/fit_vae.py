@@ -23,7 +23,8 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -102,6 +103,38 @@ def zero_past_time_taps(vae) -> int:
             module.weight[:, :, :-1].zero_()  # causal: the last temporal tap is the current frame
             count += 1
     return count
+
+
+@contextmanager
+def framewise_conv_forward(vae) -> Iterator[None]:
+    """Run every causal conv as a 2-D conv with its current-frame tap while fitting (about 3x cheaper).
+
+    Exact for a frame-wise VAE: with zero past taps, Wan's causally padded 3-D conv over one frame
+    equals a 2-D conv with `weight[:, :, -1]`. Past taps get no gradient, so they stay zero. Instance
+    attributes shadow the class `forward` and are removed on exit.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    patched = [m for m in vae.modules() if isinstance(m, WanCausalConv3d)]
+    for module in patched:
+        module.forward = _conv2d_forward(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _conv2d_forward(conv) -> Callable:
+    def forward(x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        if cache_x is not None:
+            raise RuntimeError("framewise_conv_forward is for single-frame training only")
+        batch, channels, frames, height, width = x.shape
+        flat = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        out = F.conv2d(flat, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:], padding=conv._padding[2])
+        return out.reshape(batch, frames, *out.shape[1:]).transpose(1, 2)
+
+    return forward
 
 
 def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
@@ -186,6 +219,14 @@ def train(vae, pool: dict[str, torch.Tensor], cfg: FitVAEConfig) -> tuple[int, f
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
     vae.train()
     start, step = time.perf_counter(), 0
+    with framewise_conv_forward(vae):
+        step = _train_loop(vae, pool, cfg, optimizer, schedule, gen, start)
+    vae.eval()
+    return step, time.perf_counter() - start
+
+
+def _train_loop(vae, pool, cfg: FitVAEConfig, optimizer, schedule, gen: torch.Generator, start: float) -> int:
+    step = 0
     while step < cfg.steps and (cfg.max_seconds is None or time.perf_counter() - start < cfg.max_seconds):
         loss = _step_loss(vae, _sample(pool["frames"], cfg.batch_frames, gen), cfg)
         if cfg.batch_faces:
@@ -197,8 +238,7 @@ def train(vae, pool: dict[str, torch.Tensor], cfg: FitVAEConfig) -> tuple[int, f
         step += 1
         if step % 25 == 0 or step == 1:
             log.info("step %d/%d loss %.5f (%.0fs)", step, cfg.steps, loss.item(), time.perf_counter() - start)
-    vae.eval()
-    return step, time.perf_counter() - start
+    return step
 
 
 @torch.no_grad()
