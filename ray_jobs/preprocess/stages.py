@@ -82,13 +82,17 @@ def motion_mask(frames: np.ndarray, delta: float, factor: int) -> np.ndarray:
     cell holds the fraction of its pixels that move.
     """
     batch, num_frames, height, width, _ = frames.shape
-    signed = frames.astype(np.int16)
-    step = np.abs(np.diff(signed, axis=1)).max(axis=-1) > delta * 255.0  # (B, T-1, H, W): t vs t+1
-    moving = np.zeros((batch, num_frames, height, width), bool)
-    moving[:, :-1] |= step
-    moving[:, 1:] |= step
+    later, earlier = frames[:, 1:], frames[:, :-1]
+    diff = np.maximum(later, earlier)
+    diff -= np.minimum(later, earlier)  # |a - b| in uint8 without widening the whole clip
+    per_pixel = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
+    step = per_pixel > np.uint8(min(255, int(np.floor(delta * 255.0))))  # (B, T-1, H, W): t vs t+1
+    moving = np.zeros((batch, num_frames, height, width), np.float32)
+    moving[:, :-1] = step
+    moving[:, 1:] += step
+    np.minimum(moving, 1.0, out=moving)
     pooled = moving.reshape(batch, num_frames, height // factor, factor, width // factor, factor)
-    return pooled.mean(axis=(3, 5), dtype=np.float32)
+    return pooled.mean(axis=(3, 5))
 
 
 def fill_missing_boxes(boxes: np.ndarray) -> tuple[np.ndarray, float]:
