@@ -70,7 +70,8 @@ async def _guard(request: Request, call_next):
         settings = None
     if settings is None:
         return _error(503, None, "ingress not initialised", {"Retry-After": "1"})
-    if request.url.path.startswith("/v1/"):
+    root, path = request.scope.get("root_path", ""), request.url.path
+    if path.removeprefix(root).startswith("/v1/"):  # the app may be mounted under a route prefix
         if settings.api_key is not None:
             given = request.headers.get("x-api-key", "")
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
