@@ -19,7 +19,7 @@ import pytest
 from model.audio import audio_features
 from model.config import ConfigError, load_config
 from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
-from ray_jobs.preprocess import PreprocessConfig, run
+from ray_jobs.preprocess import PreprocessConfig, main, run
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.udfs import add_face_track
 from ray_jobs.preprocess.pose import OnnxPoseExtractor, decode_heatmaps, decode_simcc
@@ -173,9 +173,13 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     for row in rows:
         _check_clip(row, videos)
     before = _listing(storage, output)
-    again = run(_config(str(inputs), output))
+    cli = ["--config", "ray_jobs/configs/tiny/preprocess.yaml", "--set", f"input={inputs}", "--set",
+           f"output={output}", "--set", "vae.enabled=false", "--set", "batch_size=4", "--set", "shard_clips=16"]
+    again = main(cli)  # the CLI entry point, on the Ray already up
     assert again["run"] is None and again["clips_written"] == 0 and again["videos_skipped"] == 2 + len(BAD)
     assert _listing(storage, output) == before  # nothing new, nothing rewritten
+    with pytest.raises(ValueError, match="clip_frames=8"):
+        main(cli + ["--set", "clip_frames=4"])
 
 
 def test_s3_run_with_silent_allowed_and_vae(ray_local, videos, s3_bucket, storage, tiny_vae):

@@ -26,7 +26,7 @@ from model.storage import Storage, StorageNotFoundError
 from ray_jobs.preprocess import udfs
 from ray_jobs.preprocess.config import VIDEO_EXTENSIONS, PreprocessConfig
 
-__all__ = ["run", "list_inputs", "plan_inputs", "build_dataset", "MANIFEST_FILE"]
+__all__ = ["run", "list_inputs", "plan_inputs", "check_compatible", "build_dataset", "MANIFEST_FILE"]
 
 log = logging.getLogger("ray_jobs.preprocess")
 
@@ -87,6 +87,26 @@ def plan_inputs(items: list[dict], manifest: dict, retry_failed: bool) -> tuple[
         else:
             changed.append(item)
     return pending, skipped, changed
+
+
+# Fields that shape the shard columns: every run into one output must agree on them.
+_SHARD_SHAPING = ("clip_frames", "stride", "fps", "width", "height", "fit", "latent_spatial_factor",
+                  "motion_delta", "audio", "face", "vae.enabled", "vae.path")
+
+
+def check_compatible(cfg: PreprocessConfig, manifest: dict) -> None:
+    """Refuse to add shards of another geometry to an output (readers expect one fixed schema)."""
+    if not manifest.get("config"):
+        return
+    new, old = cfg.model_dump(mode="json"), manifest["config"]
+    for dotted in _SHARD_SHAPING:
+        section, _, key = dotted.partition(".")
+        before, after = old.get(section), new.get(section)
+        if key:
+            before, after = (before or {}).get(key), (after or {}).get(key)
+        if before != after:
+            raise ValueError(f"{cfg.output} holds shards made with {dotted}={before!r}; this run has {after!r}. "
+                             "Use a fresh output for a different geometry.")
 
 
 def _next_run_name(storage: Storage, output: str, manifest: dict) -> str:
@@ -187,6 +207,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     storage = Storage(cfg.storage)
     started = time.time()
     manifest = read_manifest(storage, cfg.output)
+    check_compatible(cfg, manifest)
     items = list_inputs(storage, cfg.input)
     pending, skipped, changed = plan_inputs(items, manifest, cfg.retry_failed)
     log.info("%d inputs under %s: %d to process, %d already done, %d changed since done",

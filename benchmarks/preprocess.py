@@ -1,0 +1,122 @@
+"""Benchmark of the preprocessing job's CPU stages (VAE off) -> benchmarks/results/preprocess.json.
+
+Goals (issue 4), measured in one run on the same synthetic files:
+- pipeline clips/s >= 0.8x the clips/s of ffmpeg decode alone (same Ray Data stream shape, 2 CPUs);
+- pipeline clips/s on 2 CPUs >= 1.7x on 1 CPU.
+Each configuration gets one untimed warm-up (worker start-up, imports) and then `--repeats` timed
+runs; the best is reported with all raw times. The machine's load average is recorded too: on a
+shared machine the figures are only as good as the idle cores.
+
+    python benchmarks/preprocess.py [--videos 8 --duration 4 --repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"
+
+
+def _make_videos(root: Path, count: int, duration: float) -> Path:
+    from ray_jobs.synthetic import SyntheticConfig, run as synthesize
+
+    synthesize(SyntheticConfig(out=str(root), num_videos=count, duration=duration, seed=11, executor="local"))
+    return root / "videos"
+
+
+def _decode_only(item: dict, fps: float, size: int, clip_frames: int, stride: int) -> list[dict]:
+    """The decode half of the pipeline alone: one ffmpeg run per file, count the clips it yields."""
+    from model.media import decode_video
+
+    frames = decode_video(item["source"], fps, (size, size))
+    return [{"clips": max(0, (len(frames) - clip_frames) // stride + 1)}]
+
+
+def _time_decode(files: list[str], cfg) -> tuple[float, int]:
+    import ray
+
+    start = time.perf_counter()
+    ds = ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
+    ds = ds.flat_map(_decode_only, fn_kwargs={"fps": cfg.fps, "size": cfg.width, "clip_frames": cfg.clip_frames,
+                                              "stride": cfg.stride})
+    clips = sum(row["clips"] for row in ds.take_all())
+    return time.perf_counter() - start, clips
+
+
+def _time_pipeline(cfg, output: Path) -> tuple[float, int]:
+    from ray_jobs.preprocess import run
+
+    shutil.rmtree(output, ignore_errors=True)
+    start = time.perf_counter()
+    summary = run(cfg.model_copy(update={"output": str(output)}))
+    return time.perf_counter() - start, summary["clips_written"]
+
+
+def _measure(num_cpus: int, videos: Path, work: Path, repeats: int) -> dict:
+    """Warm up, then time decode-alone and the pipeline `repeats` times on a fresh local Ray."""
+    import ray
+
+    from ray_jobs.preprocess import PreprocessConfig
+
+    files = sorted(str(p) for p in videos.glob("*.mp4"))
+    cfg = PreprocessConfig(input=str(videos), output=str(work / "warm"), vae={"enabled": False})
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        _time_decode(files[:2], cfg)
+        _time_pipeline(cfg.model_copy(update={"input": str(videos)}), work / "warm")
+        decode = [_time_decode(files, cfg) for _ in range(repeats)]
+        pipeline = [_time_pipeline(cfg, work / f"out{num_cpus}") for _ in range(repeats)]
+    finally:
+        ray.shutdown()
+    clips = pipeline[0][1]
+    assert all(c == clips for _, c in decode + pipeline), "decode and pipeline must see the same clips"
+    return {"num_cpus": num_cpus, "clips": clips, "decode_s": [t for t, _ in decode],
+            "pipeline_s": [t for t, _ in pipeline], "decode_clips_per_s": clips / min(t for t, _ in decode),
+            "pipeline_clips_per_s": clips / min(t for t, _ in pipeline)}
+
+
+def _goal(name: str, value: float, target: float, unit: str = "x") -> dict:
+    return {"name": name, "value": round(value, 3), "target": target, "unit": unit, "met": value >= target}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per synthetic video")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per Ray task: no hidden BLAS threads
+    with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
+        work = Path(tmp)
+        videos = _make_videos(work / "synthetic", args.videos, args.duration)
+        load_before = os.getloadavg()
+        one, two = (_measure(n, videos, work, args.repeats) for n in (1, 2))
+        load_after = os.getloadavg()
+    result = {
+        "goals": [
+            _goal("pipeline_vs_decode_2cpu", two["pipeline_clips_per_s"] / two["decode_clips_per_s"], 0.8),
+            _goal("pipeline_scaling_2cpu_vs_1cpu", two["pipeline_clips_per_s"] / one["pipeline_clips_per_s"], 1.7),
+        ],
+        "cpu1": one, "cpu2": two,
+        "pipeline_vs_decode_1cpu": one["pipeline_clips_per_s"] / one["decode_clips_per_s"],
+        "decode_scaling_2cpu_vs_1cpu": two["decode_clips_per_s"] / one["decode_clips_per_s"],
+        "setup": {"videos": args.videos, "duration_s": args.duration, "size": "64x64", "fps": 16,
+                  "clip_frames": 8, "stride": 8, "vae": False, "repeats": args.repeats,
+                  "host_cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["goals"], indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
