@@ -78,3 +78,40 @@ def storage(s3_server):
     from model.storage import Storage, StorageConfig
 
     return Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole session (2 CPUs), started after the S3 environment is set.
+
+    Tests that need Ray share it instead of starting their own: a Ray start costs seconds on 2 cores.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(ray_session, tmp_path_factory):
+    """Synthetic puppet videos preprocessed into shards with the tiny VAE: the training jobs' input.
+
+    Returns the shards folder. 6 videos x 2 s at 16 fps = 4 clips of 8 frames each (24 clips),
+    identities split 4 train / 1 held-out.
+    """
+    from model.config import load_config
+    from ray_jobs.preprocess.config import PreprocessConfig
+    from ray_jobs.preprocess.job import run as preprocess
+    from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    synthesize(SyntheticConfig(out=str(root / "synthetic"), num_videos=6, seed=3, duration=2.0,
+                               num_identities=5, heldout_identities=1, executor="local"))
+    cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                      {"input": str(root / "synthetic" / "videos"), "output": str(root / "shards")})
+    summary = preprocess(cfg)
+    assert summary["clips_written"] > 0, summary
+    return str(root / "shards")

@@ -1,0 +1,187 @@
+"""The main job: synthetic data -> preprocessing -> teacher -> preferences -> TPO -> distillation ->
+evaluation -> one request to the served student, ending in a report folder.
+
+    python -m ray_jobs.pipeline                       # tiny embedded default on a local Ray
+    python -m ray_jobs.pipeline --config FILE --set teacher.steps=50 --set workdir=s3://bucket/run1
+
+Each stage is configured by its own job's example YAML (`ray_jobs/configs/tiny/<job>.yaml`) plus
+the dotted overrides in this config's section for it (`teacher: {steps: 300}`), and the pipeline
+wires the paths between stages under `workdir`. Every stage config is built and validated before
+anything runs, so a bad key fails at start. A stage whose completion marker
+`{workdir}/_stages/<stage>.json` exists is skipped (and the training jobs resume by run name), so
+re-running after a crash continues where it stopped. Each stage prints a progress line with its time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from model.config import StrictConfig, apply_overrides, load_config
+from model.storage import Storage, StorageConfig
+from ray_jobs.common import RayConfig, init_ray, parse_job_config, setup_logging
+
+__all__ = ["PipelineConfig", "STAGES", "build_stage_configs", "run", "main"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "tiny"
+STAGES = ("synthetic", "preprocess", "teacher", "preferences", "tpo", "distill", "evaluate", "serve")
+_JOB_OF_STAGE = {"synthetic": ("synthetic", "ray_jobs.synthetic.world:SyntheticConfig"),
+                 "preprocess": ("preprocess", "ray_jobs.preprocess.config:PreprocessConfig"),
+                 "teacher": ("train_teacher", "ray_jobs.train_teacher:TeacherConfig"),
+                 "preferences": ("make_preferences", "ray_jobs.make_preferences:PreferencesConfig"),
+                 "tpo": ("train_tpo", "ray_jobs.train_tpo:TPOConfig"),
+                 "distill": ("distill_lcm", "ray_jobs.distill_lcm:DistillConfig")}
+
+
+class EvaluationSection(StrictConfig):
+    """The final comparison on held-out clips (docs: PAPERS.md 'Evaluation on the synthetic world')."""
+
+    num_clips: int = Field(4, ge=1)
+    teacher_steps: int = Field(50, ge=1, description="teacher Euler steps with CFG (50 = 100 NFE)")
+    teacher_guidance: float = Field(2.0, ge=1)
+    student_steps: list[int] = Field(default_factory=lambda: [4, 2, 1])
+
+
+class PipelineConfig(StrictConfig):
+    """`python -m ray_jobs.pipeline` config: where it works and the overrides of each stage's job config."""
+
+    workdir: str = Field("outputs/pipeline", description="every stage's output lives under it (local or s3://)")
+    report_dir: str = Field("outputs/pipeline/report", description="local folder for report.md/html, plots, videos")
+    stages: list[str] = Field(default_factory=lambda: list(STAGES), description="stages to run, in order")
+    synthetic: dict[str, Any] = Field(default_factory=dict, description="overrides of configs/tiny/synthetic.yaml")
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+    teacher: dict[str, Any] = Field(default_factory=dict)
+    preferences: dict[str, Any] = Field(default_factory=dict)
+    tpo: dict[str, Any] = Field(default_factory=dict)
+    distill: dict[str, Any] = Field(default_factory=dict)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    serve_request: bool = Field(True, description="start the Serve app on the student and send one request")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def model_post_init(self, _context: Any) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; known: {list(STAGES)}")
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, child, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _import(target: str) -> type:
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def wiring(cfg: PipelineConfig, storage: Storage) -> dict[str, dict[str, Any]]:
+    """The paths that connect stages (applied over each stage's own overrides)."""
+    work = lambda *p: storage.join(cfg.workdir, *p)  # noqa: E731
+    runs, teacher_export = work("runs"), work("runs", "teacher", "export")
+    shared = {"storage": cfg.storage.model_dump(mode="json")}
+    return {
+        "synthetic": {"out": work("synthetic"), **shared},
+        "preprocess": {"input": work("synthetic", "videos"), "output": work("shards"), **shared},
+        "teacher": {"data": work("shards"), "run.storage_path": runs, "run.name": "teacher", **shared},
+        "preferences": {"teacher_path": teacher_export, "data": work("shards"), "output": work("preferences"), **shared},
+        "tpo": {"data": work("preferences"), "model.pretrained_path": teacher_export, "run.storage_path": runs,
+                "run.name": "tpo", **shared},
+        "distill": {"data": work("shards"), "teacher_path": teacher_export, "tpo_adapters": work("runs", "tpo", "export"),
+                    "run.storage_path": runs, "run.name": "student", **shared},
+    }
+
+
+def build_stage_configs(cfg: PipelineConfig, storage: Storage) -> dict[str, StrictConfig]:
+    """Every job config, validated now: example YAML + this config's section + the wiring."""
+    configs = {}
+    wires = wiring(cfg, storage)
+    for stage in cfg.stages:
+        if stage not in _JOB_OF_STAGE:
+            continue
+        job, target = _JOB_OF_STAGE[stage]
+        overrides = {**_flatten("", getattr(cfg, stage), {}), **wires[stage]}
+        overrides = {k: v for k, v in overrides.items() if k}
+        configs[stage] = load_config(_import(target), CONFIG_DIR / f"{job}.yaml", overrides)
+    return configs
+
+
+def _marker(cfg: PipelineConfig, storage: Storage, stage: str) -> str:
+    return storage.join(cfg.workdir, "_stages", f"{stage}.json")
+
+
+def _run_stage(cfg: PipelineConfig, storage: Storage, stage: str, fn: Callable[[], Any], log_rows: list) -> Any:
+    """Run one stage unless its marker exists; print one progress line with its time."""
+    marker = _marker(cfg, storage, stage)
+    index = f"[{STAGES.index(stage) + 1}/{len(STAGES)}]"
+    if storage.exists(marker):
+        print(f"{index} {stage}: done before, skipped", flush=True)
+        log_rows.append({"stage": stage, "status": "skipped (done before)", "seconds": 0.0})
+        return storage.read_json(marker).get("result")
+    print(f"{index} {stage}: running ...", flush=True)
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    storage.write_json(marker, {"stage": stage, "seconds": seconds, "result": result})
+    print(f"{index} {stage}: done in {seconds:.1f} s", flush=True)
+    log_rows.append({"stage": stage, "status": "ran", "seconds": seconds})
+    return result
+
+
+def _stage_functions(cfg: PipelineConfig, configs: dict[str, StrictConfig], storage: Storage) -> dict[str, Callable]:
+    def training_result(module: str, job_cfg) -> dict:
+        result = _import(f"{module}:run")(job_cfg)
+        return {"metrics": getattr(result, "metrics", result)}
+
+    return {
+        "synthetic": lambda: _import("ray_jobs.synthetic.world:run")(configs["synthetic"]),
+        "preprocess": lambda: _import("ray_jobs.preprocess.job:run")(configs["preprocess"]),
+        "teacher": lambda: training_result("ray_jobs.train_teacher", configs["teacher"]),
+        "preferences": lambda: _import("ray_jobs.make_preferences:run")(configs["preferences"]),
+        "tpo": lambda: training_result("ray_jobs.train_tpo", configs["tpo"]),
+        "distill": lambda: training_result("ray_jobs.distill_lcm", configs["distill"]),
+        "evaluate": lambda: _import("ray_jobs.pipeline_eval:evaluate_pipeline")(cfg, configs, storage),
+        "serve": lambda: _import("ray_jobs.pipeline_eval:request_served_student")(cfg, configs, storage),
+    }
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the configured stages in order; returns {"stages": [...], "report": path}."""
+    storage = Storage(cfg.storage)
+    configs = build_stage_configs(cfg, storage)
+    functions = _stage_functions(cfg, configs, storage)
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    for stage in STAGES:
+        if stage in cfg.stages and (stage != "serve" or cfg.serve_request):
+            results[stage] = _run_stage(cfg, storage, stage, functions[stage], rows)
+    report = _import("ray_jobs.pipeline_eval:write_pipeline_report")(cfg, configs, storage, rows, results)
+    total = time.perf_counter() - started
+    print(f"pipeline finished in {total:.1f} s; report: {report}", flush=True)
+    return {"stages": rows, "report": str(report), "seconds": total}
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_job_config(PipelineConfig, argv, description=__doc__,
+                           default_config=str(CONFIG_DIR / "pipeline.yaml"))
+    init_ray(cfg.ray)
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
