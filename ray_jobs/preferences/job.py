@@ -1,0 +1,165 @@
+"""The preference-pairs job (AlignHuman TPO data): teacher candidates -> rewards -> pairs, on Ray Data.
+
+    python -m ray_jobs.make_preferences --config ray_jobs/configs/tiny/make_preferences.yaml
+
+Pipeline: shards (conditions + ground truth) -> `CandidateScorer` actors (teacher + VAE loaded once in
+``__init__``; per condition M seeded candidates with the teacher's Euler/CFG sampler, decoded and
+scored per dimension) -> for each dimension whose best - worst reward passes `min_margin`, one row
+(conditions, winner latents, loser latents, dimension, margin) -> Parquet under ``{output}/data/`` and
+``{output}/manifest.json`` (files, counts per dimension, config). Winner/loser latents are the
+sampler's final latents, i.e. exactly what the teacher would decode: no VAE round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.storage import Storage
+from ray_jobs.preferences.config import PreferencesConfig
+from ray_jobs.preferences.rewards import get_reward
+
+__all__ = ["CONDITION_COLUMNS", "TRUTH_COLUMNS", "PAIR_COLUMNS", "CandidateScorer", "build_dataset", "run",
+           "read_pairs", "candidate_seed"]
+
+log = logging.getLogger(__name__)
+
+# Shard columns a pair carries forward (what the TPO step conditions on).
+CONDITION_COLUMNS = ["ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face", "motion_mask"]
+# Columns the rewards may read (ground truth for the gt_* rewards; conditions for the others).
+TRUTH_COLUMNS = ["frames", "ref_frame", "face_boxes", "keypoints", "video_id", "clip_index", "identity_id"]
+PAIR_COLUMNS = CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id", "dimension", "margin",
+                                    "winner_latents", "loser_latents", "winner_reward", "loser_reward"]
+
+
+def candidate_seed(base_seed: int, video_id: str, clip_index: int, candidate: int) -> int:
+    """Deterministic noise seed of candidate m of a clip (independent of batching and actor placement)."""
+    return (base_seed * 1_000_003 + zlib.crc32(f"{video_id}:{clip_index}".encode()) * 31 + candidate) % (2**63)
+
+
+class CandidateScorer:
+    """Ray Data callable class: the teacher and the VAE live here for the actor's lifetime."""
+
+    def __init__(self, cfg_json: dict[str, Any]):
+        from model.presets import build_denoiser
+        from model.vae import load_vae
+
+        self.cfg = PreferencesConfig.model_validate(cfg_json)
+        storage = Storage(self.cfg.storage)
+        self.device = torch.device("cuda" if self.cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.model = build_denoiser(self.cfg.model, storage).to(self.device).eval()
+        self.vae = load_vae(self.cfg.model.vae_path, storage, device=self.device)
+        self.rewards = {dim: get_reward(name) for dim, name in self.cfg.rewards.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from model.generate import latent_shape
+
+        rows = [self._pairs_of(_row(batch, i)) for i in range(len(batch["video_id"]))]
+        shape = latent_shape(self.vae, *np.asarray(batch["frames"]).shape[1:4])[1:]
+        return _stack([pair for pairs in rows for pair in pairs], batch, shape)
+
+    @torch.no_grad()
+    def sample_candidates(self, clip: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        """M candidates of one clip: final latents (M, C, t, h, w) and decoded frames uint8 (M, T, H, W, 3)."""
+        from model.conditions import Conditions
+        from model.flow import inference_sigmas
+        from model.generate import latent_shape
+        from model.samplers import sample_euler_cfg
+        from model.vae import video_to_uint8
+
+        spec = self.cfg.sampling
+        frames = np.asarray(clip["frames"])
+        shape = latent_shape(self.vae, *frames.shape[:3])[1:]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+            candidate_seed(self.cfg.seed, str(clip["video_id"]), int(clip["clip_index"]), m)))
+            for m in range(spec.num_candidates)])
+        one = {k: torch.as_tensor(np.asarray(clip[k]))[None] for k in CONDITION_COLUMNS if k != "motion_mask"}
+        cond = Conditions.from_batch(one, self.device).repeat(spec.num_candidates)
+        result = sample_euler_cfg(self.model, noise.to(self.device), inference_sigmas(spec.steps, spec.shift), cond,
+                                  cond.drop(set(spec.drop_for_uncond)), spec.guidance)
+        return result.x.cpu(), video_to_uint8(self.vae.decode(result.x)).numpy()
+
+    def _pairs_of(self, clip: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Score the candidates; one pair (best vs worst) per dimension whose margin passes the threshold."""
+        latents, videos = self.sample_candidates(clip)
+        pairs = []
+        for dimension, reward in self.rewards.items():
+            scores = np.array([reward(video, clip) for video in videos])
+            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+            margin = float(scores[best] - scores[worst])
+            if margin <= self.cfg.min_margin.get(dimension, 0.0):
+                continue
+            pairs.append({**{k: clip[k] for k in CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id"]},
+                          "dimension": dimension, "margin": np.float32(margin),
+                          "winner_latents": latents[best].numpy(), "loser_latents": latents[worst].numpy(),
+                          "winner_reward": np.float32(scores[best]), "loser_reward": np.float32(scores[worst])})
+        return pairs
+
+
+def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    return {k: v[i] for k, v in batch.items()}
+
+
+def _stack(pairs: list[dict[str, Any]], batch: dict[str, np.ndarray], latent: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Pair dicts -> columns; an empty batch keeps every column with 0 rows and the right trailing shape."""
+    if pairs:
+        return {k: np.stack([np.asarray(p[k]) for p in pairs]) for k in PAIR_COLUMNS}
+    empty = {k: np.asarray(batch[k])[:0] for k in CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id"]}
+    empty.update(dimension=np.array([], dtype=object), margin=np.zeros(0, np.float32),
+                 winner_latents=np.zeros((0, *latent), np.float32), loser_latents=np.zeros((0, *latent), np.float32),
+                 winner_reward=np.zeros(0, np.float32), loser_reward=np.zeros(0, np.float32))
+    return empty
+
+
+def build_dataset(cfg: PreferencesConfig):
+    """Shards -> teacher actor pool -> pair rows (a lazy Ray Dataset)."""
+    import ray.data
+
+    from ray_jobs.training.driver import read_shards
+
+    ds = read_shards(cfg.data, Storage(cfg.storage), split=cfg.split, columns=CONDITION_COLUMNS + TRUTH_COLUMNS)
+    if cfg.max_clips is not None:
+        ds = ds.limit(cfg.max_clips)
+    act = cfg.actors
+    ds = ds.map_batches(CandidateScorer, fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json")},
+                        batch_size=act.batch_size, num_cpus=act.num_cpus, num_gpus=act.num_gpus,
+                        compute=ray.data.ActorPoolStrategy(min_size=act.min_actors, max_size=act.max_actors))
+    return ds
+
+
+def run(cfg: PreferencesConfig) -> dict[str, Any]:
+    """Write ``{output}/data/*.parquet`` and ``{output}/manifest.json``; return the manifest."""
+    storage = Storage(cfg.storage)
+    data_uri = storage.join(cfg.output, "data")
+    if storage.list(data_uri):
+        log.warning("replacing the pairs under %s", data_uri)
+        storage.delete(data_uri)
+    ds = build_dataset(cfg).materialize()
+    fs, path = storage.arrow_path(data_uri)
+    ds.write_parquet(path, filesystem=fs)
+    files = sorted(storage.list(data_uri, suffixes=".parquet"))
+    counts = {row["dimension"]: int(row["count()"]) for row in ds.groupby("dimension").count().take_all()}
+    manifest = {"shards": [f"data/{f.rstrip('/').split('/')[-1]}" for f in files], "num_pairs": sum(counts.values()),
+                "pairs_by_dimension": counts, "columns": PAIR_COLUMNS, "config": cfg.model_dump(mode="json")}
+    storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
+    log.info("wrote %d pairs (%s) to %s", manifest["num_pairs"], counts, cfg.output)
+    return manifest
+
+
+def read_pairs(uri: str, storage: Storage, columns: list[str] | None = None):
+    """The pairs as a Ray Dataset (Parquet through `Storage.arrow_path`), from ``{uri}/manifest.json``."""
+    import ray.data
+
+    manifest_uri = storage.join(uri, "manifest.json")
+    if not storage.exists(manifest_uri):
+        raise FileNotFoundError(f"no pairs manifest at {manifest_uri}: run `python -m ray_jobs.make_preferences` first")
+    shards = storage.read_json(manifest_uri)["shards"]
+    if not shards:
+        raise ValueError(f"{manifest_uri} lists no pair files (every margin below threshold?)")
+    fs, _ = storage.arrow_path(uri)
+    return ray.data.read_parquet([storage.arrow_path(storage.join(uri, s))[1] for s in shards], filesystem=fs,
+                                 columns=columns)
