@@ -1,0 +1,404 @@
+"""Segmented consistency distillation (DanceLCM) of the teacher into a 1-4 step student without CFG.
+
+    python -m ray_jobs.distill_lcm --config ray_jobs/configs/tiny/distill_lcm.yaml [--set k=v ...]
+
+Objective (/work/shared/PAPERS.md, DanceLCM; PCM phased form), per training clip:
+1. pick a segment k of the K segments [s_k, s_{k+1}] and σ_m inside it on a fine solver grid, σ_n the
+   next grid point below (edges merged into the grid, so σ_n >= s_k) — `model.losses.sample_consistency_pair`;
+2. x_m = (1 - σ_m) x0 + σ_m ε from the shard's real latents;
+3. ONE teacher Euler step with CFG (w ~ U[w_min, w_max] per clip) x_m -> x̂_n (frozen, no grad);
+   TPO adapters, when configured, are routed per σ like the TPO sampler;
+4. student: f_θ(x_m, σ_m) = x_m + (s_k - σ_m) v_θ; target (EMA of the student): f_θ⁻(x̂_n, σ_n);
+   L_CD = pseudo-Huber(f_θ, f_θ⁻) (c configurable), per element up-weighted on the motion mask;
+5. aux head: x̂0_aux from the student's features vs the real latents, L_aux (weight λ), same weighting.
+Every component has a switch in `objective` (aux, motion_loss, face, teacher_cfg, segments).
+
+Target network under ZeRO: the target θ⁻ is a frozen full copy of the student module on every
+worker, lerped from the live student after each optimizer step (lazily, at the start of the next
+micro-step, detected by `engine.global_steps`). That needs the full student parameters on each rank,
+true for ZeRO 0-2 (they partition optimizer state / gradients only). With ZeRO-3 every step would
+have to gather all parameters (`deepspeed.zero.GatheredParameters`), which defeats ZeRO-3's purpose,
+so the config rejects zero_stage 3 loudly. The target is not part of the checkpoint (the shared loop
+saves the engine and its export EMA only): on resume it is re-seeded from the resumed student,
+which an EMA of decay 0.95 forgets in ~14 steps (half-life).
+
+Export: full student -> a diffusers folder (loadable by `build_denoiser`); LoRA student -> the peft
+adapter (`adapter/`) plus the aux-free base path; both with `student.json` (segment edges, format),
+which `load_student` reads and `sample_consistency` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from model.conditions import CONDITION_NAMES, Conditions
+from model.config import StrictConfig
+from model.flow import add_noise, cfg_velocity, euler_step
+from model.losses import consistency_distillation_loss, fine_solver_grid, motion_weight_map, pseudo_huber, sample_consistency_pair
+from model.presets import ModelConfig
+from model.samplers import SegmentPlan, default_tpo_plan, segment_edges, validate_segments
+from ray_jobs.common import init_ray, parse_job_config, setup_logging
+from ray_jobs.train_teacher import TRAIN_COLUMNS, export_denoiser, validation_sample
+from ray_jobs.training.config import TrainJobConfig
+from ray_jobs.training.loop import run_worker_loop
+
+__all__ = ["DistillObjective", "StudentSection", "TeacherSource", "DistillConfig", "DistillTask",
+           "teacher_jump", "distill_losses", "update_target", "load_student", "run", "main", "STUDENT_JSON"]
+
+log = logging.getLogger(__name__)
+
+STUDENT_JSON = "student.json"
+
+
+class DistillObjective(StrictConfig):
+    """DanceLCM objective; every component is a switch so an ablation is one `--set` away."""
+
+    segments: int = Field(4, ge=1, description="K segments = inference steps; 1 = plain (VideoLCM) CD")
+    edges: list[float] | None = Field(None, description="explicit edges 0 = s_0 < ... < s_K = 1 (overrides segments)")
+    edge_shift: float | None = Field(None, gt=0, description="shift the evenly spaced edges (None = even in σ)")
+    solver_points: int = Field(50, ge=2, le=1000, description="fine teacher grid points over [0, 1] (LCM: 50-100)")
+    solver_shift: float = Field(1.0, gt=0, description="timestep shift of the fine grid")
+    teacher_cfg: bool = Field(True, description="CFG in the teacher step (guidance distilled in); False = conditional only")
+    w_min: float = Field(1.5, ge=1.0, description="CFG scale drawn per clip from U[w_min, w_max]")
+    w_max: float = Field(3.0, ge=1.0)
+    drop_for_uncond: list[str] = Field(default_factory=lambda: ["pose", "audio", "face"],
+                                       description="conditions set to their nulls in the teacher's unconditional branch")
+    huber_c: float = Field(1e-3, gt=0, description="pseudo-Huber c (per element, LCM code)")
+    target_ema_decay: float = Field(0.95, ge=0, lt=1, description="target network θ⁻ ← d θ⁻ + (1-d) θ")
+    aux: bool = Field(True, description="aux head on the student predicting clean latents (L_aux)")
+    aux_weight: float = Field(0.5, ge=0, description="λ of L_aux")
+    motion_loss: bool = Field(True, description="up-weight the loss on the shard's motion_mask")
+    motion_weight: float = Field(2.0, ge=1.0, description="weight on motion pixels (1 elsewhere)")
+    face: bool = Field(True, description="face-latent cross-attention in the student (model.face_injection)")
+    export_ema_decay: float | None = Field(None, ge=0, lt=1, description="loop EMA for the export; None = live student")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillObjective":
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min {self.w_min} > w_max {self.w_max}")
+        unknown = set(self.drop_for_uncond) - set(CONDITION_NAMES)
+        if unknown:
+            raise ValueError(f"drop_for_uncond has unknown conditions {sorted(unknown)}")
+        if self.edges is not None and len(self.edges) != self.segments + 1:
+            raise ValueError(f"edges {self.edges} give {len(self.edges) - 1} segments, segments = {self.segments}")
+        if self.edges is not None and self.edge_shift is not None:
+            raise ValueError("give either edges or edge_shift, not both")
+        self.edge_tensor()  # validates the edges
+        return self
+
+    def edge_tensor(self) -> torch.Tensor:
+        """Segment edges (K+1,) ascending from 0 to 1."""
+        return segment_edges(self.edges) if self.edges is not None else segment_edges(self.segments, self.edge_shift)
+
+
+class StudentSection(StrictConfig):
+    """The student: a full copy of the teacher, or LoRA adapters on it."""
+
+    mode: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_targets: Literal["attn", "attn+ffn"] = "attn+ffn"
+
+
+class TeacherSource(StrictConfig):
+    """The frozen teacher: the teacher run's export, optionally with TPO adapters routed per σ."""
+
+    path: str = Field("outputs/runs/teacher/export", description="teacher diffusers folder (local or s3://)")
+    face_injection: bool = Field(True, description="the teacher was trained with the face path")
+    tpo_adapters: dict[str, str] = Field(default_factory=dict,
+                                         description="adapter name -> peft adapter folder (TPO job's export); empty = none")
+    tpo_plan: list[SegmentPlan] | None = Field(None, description="σ segments naming the adapters; None = default_tpo_plan()")
+
+    def plan(self) -> list[SegmentPlan]:
+        plan = self.tpo_plan if self.tpo_plan is not None else default_tpo_plan()
+        validate_segments(plan)
+        return plan
+
+
+class DistillValidation(StrictConfig):
+    enabled: bool = True
+
+
+class DistillConfig(TrainJobConfig):
+    """`python -m ray_jobs.distill_lcm` config. ``model`` is the student: its ``aux_head`` and
+    ``face_injection`` follow ``objective.aux`` / ``objective.face`` (setting them otherwise is an error);
+    ``model.pretrained_path`` None means "start from the teacher"."""
+
+    objective: DistillObjective = Field(default_factory=DistillObjective)
+    student: StudentSection = Field(default_factory=StudentSection)
+    teacher: TeacherSource = Field(default_factory=TeacherSource)
+    validation: DistillValidation = Field(default_factory=DistillValidation)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.deepspeed.zero_stage == 3:
+            raise ValueError("distillation supports ZeRO <= 2: the EMA target network needs the full student on every "
+                             "rank each step (see ray_jobs.distill_lcm docstring); use zero_stage 1 or 2")
+        for field, switch in (("aux_head", "aux"), ("face_injection", "face")):
+            wanted = getattr(self.objective, switch)
+            if field in self.model.model_fields_set and getattr(self.model, field) != wanted:
+                raise ValueError(f"model.{field}={getattr(self.model, field)} contradicts objective.{switch}={wanted}; "
+                                 f"set objective.{switch} only")
+        for name in {seg.adapter for seg in self.teacher.plan()} - {None}:
+            if self.teacher.tpo_adapters and name not in self.teacher.tpo_adapters:
+                raise ValueError(f"TPO plan names adapter {name!r}, tpo_adapters has {sorted(self.teacher.tpo_adapters)}")
+        return self
+
+    def student_model_config(self) -> ModelConfig:
+        """The student's ModelConfig: switches from the objective, weights from the teacher unless given."""
+        path = self.model.pretrained_path or self.teacher.path
+        return self.model.model_copy(update={"aux_head": self.objective.aux, "face_injection": self.objective.face,
+                                             "pretrained_path": path})
+
+    def teacher_model_config(self) -> ModelConfig:
+        return self.model.model_copy(update={"aux_head": False, "face_injection": self.teacher.face_injection,
+                                             "pretrained_path": self.teacher.path, "gradient_checkpointing": False})
+
+
+# ---------------------------------------------------------------------- pure pieces
+def teacher_jump(teacher: Any, x_m: torch.Tensor, sigma_m: torch.Tensor, sigma_n: torch.Tensor, cond: Conditions,
+                 uncond: Conditions | None, guidance: torch.Tensor | None) -> torch.Tensor:
+    """One teacher Euler step x̂_n = x_m + (σ_n - σ_m) v_cfg (DanceLCM); x (B, C, T, h, w), σ and w (B,); no CFG if w is None."""
+    v = teacher(x_m, sigma_m, cond)
+    if guidance is not None:
+        v = cfg_velocity(v, teacher(x_m, sigma_m, uncond), guidance)
+    return euler_step(x_m, sigma_m, sigma_n, v)
+
+
+def routed_teacher(teacher: torch.nn.Module, plan: list[SegmentPlan]) -> Any:
+    """Model fn applying, per sample, the TPO adapter of the plan segment holding its σ (segment-routed like the TPO sampler).
+
+    Each adapter present in the batch runs on the whole batch and its samples are selected with
+    torch.where: simpler than splitting `Conditions`, at most len(plan) evaluations per call.
+    """
+    from model.denoiser import use_adapter
+
+    def model_fn(x: torch.Tensor, sigma: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        names = [_adapter_at(plan, float(s)) for s in sigma.tolist()]
+        out = torch.zeros_like(x)
+        for name in dict.fromkeys(names):
+            use_adapter(teacher, name)
+            chosen = torch.tensor([n == name for n in names], device=x.device).view(-1, 1, 1, 1, 1)
+            out = torch.where(chosen, teacher(x, sigma, cond), out)
+        return out
+
+    return model_fn
+
+
+def _adapter_at(plan: list[SegmentPlan], sigma: float) -> str | None:
+    """The adapter of the plan segment sigma_low < σ <= sigma_high (an edge belongs to the segment below, as in the sampler)."""
+    for seg in plan:
+        if seg.sigma_low < sigma <= seg.sigma_high or (seg.sigma_low == 0.0 and sigma == 0.0):
+            return seg.adapter
+    raise ValueError(f"σ {sigma} is in no TPO plan segment")
+
+
+def distill_losses(student: Any, target: Any, teacher: Any, x0: torch.Tensor, cond: Conditions,
+                   uncond: Conditions | None, edges: torch.Tensor, grid: torch.Tensor, obj: DistillObjective,
+                   generator: torch.Generator, motion_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss L_CD + λ L_aux (scalar) and its terms; x0 (B, C, T, h, w) real latents, mask (B, T, h, w)."""
+    batch, device = x0.shape[0], x0.device
+    pair = sample_consistency_pair(edges, grid, batch, generator)
+    sigma_m, sigma_n, edge = (t.to(device, x0.dtype) for t in (pair.sigma_m, pair.sigma_n, pair.sigma_edge))
+    noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
+    x_m = add_noise(x0, noise, sigma_m)
+    guidance = None
+    if obj.teacher_cfg:
+        guidance = (obj.w_min + (obj.w_max - obj.w_min) * torch.rand(batch, generator=generator)).to(device, x0.dtype)
+    with torch.no_grad():
+        x_hat_n = teacher_jump(teacher, x_m, sigma_m, sigma_n, cond, uncond, guidance)
+        v_target = target(x_hat_n, sigma_n, cond)
+    mask = motion_mask if obj.motion_loss else None
+    out = student(x_m, sigma_m, cond, return_aux=True) if obj.aux else student(x_m, sigma_m, cond)
+    v_student, x0_aux = out if obj.aux else (out, None)
+    loss_cd = consistency_distillation_loss(x_m, sigma_m, v_student.float(), x_hat_n.float(), sigma_n, v_target.float(),
+                                            edge, obj.huber_c, mask, obj.motion_weight).mean()
+    terms = {"loss_cd": float(loss_cd.detach()), "sigma_m": float(sigma_m.float().mean()),
+             "teacher_w": float(guidance.float().mean()) if guidance is not None else 1.0}
+    total = loss_cd
+    if obj.aux:
+        weight = None if mask is None else motion_weight_map(mask, obj.motion_weight, x0)
+        loss_aux = pseudo_huber(x0_aux.float(), x0.float(), obj.huber_c, weight).mean()
+        total = total + obj.aux_weight * loss_aux
+        terms["loss_aux"] = float(loss_aux.detach())
+    if mask is not None:
+        terms["motion_fraction"] = float(mask.float().mean())
+    return total, terms
+
+
+@torch.no_grad()
+def update_target(target: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """θ⁻ ← d θ⁻ + (1 - d) θ over the student's trainable parameters (frozen ones never differ)."""
+    own = dict(target.named_parameters())
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            own[name].lerp_(param.detach().to(own[name].dtype), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------- the task
+class DistillTask:
+    """DanceLCM on the shared loop: frozen teacher (+TPO adapters), EMA target copy, student = engine."""
+
+    def __init__(self, cfg: DistillConfig, val_clip: dict[str, np.ndarray] | None):
+        self.cfg = cfg
+        self.val_clip = val_clip
+        self.ema_decay = cfg.objective.export_ema_decay
+        self.edges = cfg.objective.edge_tensor()
+        self.grid = fine_solver_grid(cfg.objective.solver_points, cfg.objective.solver_shift)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.teacher_fn: Any = None
+        self.target: torch.nn.Module | None = None
+        self._synced_step = 0
+
+    def build_model(self) -> torch.nn.Module:
+        from model.denoiser import lora_config
+        from model.presets import build_denoiser
+
+        from model.storage import Storage
+
+        model = build_denoiser(self.cfg.student_model_config(), Storage(self.cfg.storage))
+        if self.cfg.student.mode == "lora":
+            st = self.cfg.student
+            model.requires_grad_(False)
+            model.add_adapter(lora_config(st.lora_rank, st.lora_alpha, st.lora_targets), "student")
+            for name, param in model.named_parameters():  # the aux head is new: it trains in full
+                param.requires_grad_("lora_" in name or name.startswith("aux_"))
+        model.train()
+        return model
+
+    def param_groups(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.teacher_fn = self._build_teacher()
+        self.target = copy.deepcopy(engine.module).requires_grad_(False).eval()
+        self._synced_step = int(getattr(engine, "global_steps", 0))
+
+    def _build_teacher(self) -> Any:
+        from model.presets import build_denoiser
+        from model.storage import Storage
+
+        teacher = build_denoiser(self.cfg.teacher_model_config(), Storage(self.cfg.storage)).to(self.device, self.dtype)
+        storage = Storage(self.cfg.storage)
+        for name, folder in self.cfg.teacher.tpo_adapters.items():
+            with storage.local_copy(folder, require_manifest=False) as local:
+                teacher.load_lora_adapter(str(local), adapter_name=name, prefix=None,
+                                          weight_name="pytorch_lora_weights.safetensors")
+        teacher.requires_grad_(False).eval()
+        self.teacher = teacher
+        return routed_teacher(teacher, self.cfg.teacher.plan()) if self.cfg.teacher.tpo_adapters else teacher
+
+    def sync_target(self, engine: Any) -> None:
+        """EMA-update the target once per optimizer step DeepSpeed took since the last sync."""
+        step = int(getattr(engine, "global_steps", self._synced_step))
+        student = getattr(engine, "module", engine)
+        for _ in range(step - self._synced_step):
+            update_target(self.target, student, self.cfg.objective.target_ema_decay)
+        self._synced_step = step
+
+    def micro_step(self, engine: Any, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        self.sync_target(engine)
+        obj = self.cfg.objective
+        x0 = batch["latents"].to(self.device, self.dtype)
+        cond = Conditions.from_batch(batch, self.device, self.dtype)
+        uncond = cond.drop(set(obj.drop_for_uncond)) if obj.teacher_cfg else None
+        mask = batch["motion_mask"].to(self.device) if "motion_mask" in batch else None
+        if obj.motion_loss and mask is None:
+            raise KeyError("objective.motion_loss needs the shard's motion_mask column")
+        return distill_losses(engine, self.target, self.teacher_fn, x0, cond, uncond, self.edges, self.grid, obj,
+                              generator, mask)
+
+    def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
+        export_student(model, weights, out_dir, self.cfg)
+
+    def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]:
+        if self.val_clip is None or not self.cfg.validation.enabled:
+            return {}
+        return validation_sample(model, self.cfg.model.vae_path, self.val_clip, out_dir, sampler="consistency",
+                                 steps=None, guidance=None, drop=set(), shift=1.0,
+                                 consistency_edges=self.edges.tolist())
+
+
+def export_student(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path, cfg: DistillConfig) -> None:
+    """Full: diffusers folder; LoRA: peft adapter under adapter/ (base = the teacher path); student.json beside."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"edges": cfg.objective.edge_tensor().tolist(), "segments": cfg.objective.segments,
+            "format": cfg.student.mode, "aux_head": cfg.objective.aux, "face_injection": cfg.objective.face,
+            "preset": cfg.model.preset}
+    if cfg.student.mode == "full":
+        export_denoiser(model, weights, out_dir)
+    else:
+        fresh = copy.deepcopy(model).cpu().float()  # peft layers included; the (EMA) LoRA weights go in by name
+        lora = {n: w for n, w in weights.items() if "lora_" in n}
+        with torch.no_grad():
+            named = dict(fresh.named_parameters())
+            for name, tensor in lora.items():
+                named[name].copy_(tensor)
+        fresh.save_lora_adapter(str(out_dir / "adapter"), adapter_name="student")
+        meta["base_model"] = cfg.teacher.path
+    (out_dir / STUDENT_JSON).write_text(json.dumps(meta, indent=2))
+
+
+def load_student(path: str, storage: Any = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[float]]:
+    """The exported student (diffusers folder or base + LoRA adapter) in eval mode and its segment edges."""
+    from model.presets import build_denoiser
+    from model.storage import Storage
+
+    storage = storage or Storage()
+    with storage.local_copy(path) as local:
+        meta = json.loads((Path(local) / STUDENT_JSON).read_text())
+        base = local if meta["format"] == "full" else meta["base_model"]
+        model = build_denoiser(ModelConfig(preset=meta["preset"], pretrained_path=str(base), aux_head=False,
+                                           face_injection=meta["face_injection"]), storage)
+        if meta["format"] == "lora":
+            from model.denoiser import use_adapter
+
+            model.load_lora_adapter(str(Path(local) / "adapter"), adapter_name="student", prefix=None,
+                                    weight_name="pytorch_lora_weights.safetensors")
+            use_adapter(model, "student")
+    return model.to(device).eval(), list(meta["edges"])
+
+
+# ---------------------------------------------------------------------- driver
+def _train_fn(loop_config: dict) -> None:
+    cfg = DistillConfig.model_validate(loop_config["cfg"])
+    run_worker_loop(cfg, DistillTask(cfg, loop_config.get("val_clip")), columns=TRAIN_COLUMNS)
+
+
+def run(cfg: DistillConfig):
+    """Distil (or resume) the student; returns Ray Train's Result."""
+    from model.storage import Storage
+    from ray_jobs.training.driver import fit, read_shards, take_clip
+
+    storage = Storage(cfg.storage)
+    if not storage.exists(storage.join(cfg.teacher.path, "config.json")):
+        raise FileNotFoundError(f"no teacher export at {cfg.teacher.path} (run ray_jobs.train_teacher first)")
+    train_ds = read_shards(cfg.data, storage, split="train", columns=TRAIN_COLUMNS)
+    val_clip = None
+    if cfg.validation.enabled:
+        val_clip = take_clip(cfg.data, storage, split="heldout")
+        val_clip = {k: v for k, v in val_clip.items() if isinstance(v, (np.ndarray, float, int, bool, np.generic))}
+    return fit(cfg, _train_fn, {"cfg": cfg.model_dump(mode="json"), "val_clip": val_clip}, {"train": train_ds})
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    cfg = parse_job_config(DistillConfig, argv, description=__doc__,
+                           default_config=str(Path(__file__).parent / "configs/tiny/distill_lcm.yaml"))
+    init_ray(cfg.ray)
+    result = run(cfg)
+    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics,
+                      "checkpoint": str(result.checkpoint.path if result.checkpoint else None)}, default=str))
+
+
+if __name__ == "__main__":
+    main()
