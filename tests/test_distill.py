@@ -1,0 +1,284 @@
+"""DanceLCM distillation: segment math, exact-field consistency, switches, TPO routing, a 2-worker DeepSpeed run, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.conditions import Conditions
+from model.config import load_config
+from model.flow import add_noise
+from model.generate import generate
+from model.losses import consistency_function, fine_solver_grid, sample_consistency_pair
+from model.presets import ModelConfig, build_denoiser
+from model.samplers import consistency_target_edge, sample_consistency, segment_edges
+from ray_jobs.distill_lcm import (DistillConfig, DistillObjective, DistillTask, distill_losses, export_student,
+                                  load_student, run, update_target)
+
+TINY = "ray_jobs/configs/tiny/distill_lcm.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    """A tiny teacher export: random init with the zero-init condition paths woken, saved diffusers-style."""
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("ref_embedding", "pose_encoder.proj", "null_")) or ".to_out." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    folder = tmp_path_factory.mktemp("teacher") / "export"
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def _config(teacher: str, **overrides) -> DistillConfig:
+    base = {"teacher.path": teacher, "batch_size": 1, "optim.warmup_steps": 0, "objective.solver_points": 20}
+    return load_config(DistillConfig, TINY, {**base, **overrides})
+
+
+def _batch(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors with the shard schema's shapes (docs/design.md, tiny geometry)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(batch, 8, 16, 16, generator=gen) > 0.7).float()
+    return {"latents": torch.randn(batch, 16, 8, 16, 16, generator=gen),
+            "ref_latent": torch.randn(batch, 16, 1, 16, 16, generator=gen),
+            "pose": torch.randint(0, 256, (batch, 8, 64, 64, 3), generator=gen, dtype=torch.uint8),
+            "audio_feats": torch.randn(batch, 8, 6, 32, generator=gen),
+            "face_latents": torch.randn(batch, 16, 8, 8, 8, generator=gen),
+            "has_audio": torch.ones(batch, dtype=torch.bool), "has_face": torch.ones(batch, dtype=torch.bool),
+            "motion_mask": mask}
+
+
+class _Engine:
+    """What micro_step needs of a DeepSpeed engine for single-process unit tests: call, .module, .global_steps."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.global_steps = module, 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _task(cfg: DistillConfig) -> tuple[DistillTask, _Engine]:
+    task = DistillTask(cfg, None)
+    torch.manual_seed(0)
+    engine = _Engine(task.build_model())
+    task.on_engine_ready(engine, torch.device("cpu"), torch.float32)
+    return task, engine
+
+
+class _ExactField:
+    """Exact velocity of the flow towards one clean latent x0: v = (x - x0) / σ (straight lines, Euler is exact)."""
+
+    def __init__(self, x0: torch.Tensor, bias: float = 0.0):
+        self.x0, self.bias = x0, bias
+
+    def __call__(self, x, sigma, cond, return_aux=False):
+        v = (x - self.x0) / sigma.clamp(min=1e-3).view(-1, 1, 1, 1, 1) + self.bias
+        return (v, self.x0.clone()) if return_aux else v
+
+
+# ---------------------------------------------------------------------- math
+def test_segment_edges_and_config_validation(teacher_dir):
+    assert DistillObjective().edge_tensor().tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    shifted = DistillObjective(segments=2, edge_shift=3.0).edge_tensor()
+    assert shifted[1].item() == pytest.approx(0.75)  # 3 * 0.5 / (1 + 2 * 0.5)
+    assert DistillObjective(segments=2, edges=[0.0, 0.6, 1.0]).edge_tensor().tolist() == pytest.approx([0, 0.6, 1])
+    with pytest.raises(ValueError, match="segments"):
+        DistillObjective(segments=3, edges=[0.0, 0.6, 1.0])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DistillObjective(segments=2, edges=[0.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="ZeRO <= 2"):
+        _config(teacher_dir, **{"deepspeed.zero_stage": 3})
+    with pytest.raises(ValueError, match="contradicts objective.aux"):
+        _config(teacher_dir, **{"model.aux_head": False})
+    cfg = _config(teacher_dir, **{"objective.face": False, "objective.aux": False})
+    student = cfg.student_model_config()
+    assert (student.face_injection, student.aux_head, student.pretrained_path) == (False, False, teacher_dir)
+    assert cfg.teacher_model_config().face_injection is True
+
+
+def test_pairs_stay_in_their_segment_and_one_jump_lands_on_the_lower_edge():
+    edges = segment_edges([0.0, 0.2, 0.55, 0.8, 1.0])
+    pair = sample_consistency_pair(edges, fine_solver_grid(60), 4000, torch.Generator().manual_seed(0))
+    assert bool((pair.sigma_edge <= pair.sigma_n).all() and (pair.sigma_n < pair.sigma_m).all())
+    assert torch.equal(consistency_target_edge(pair.sigma_m, edges), pair.sigma_edge)
+    assert set(pair.segment.tolist()) == {0, 1, 2, 3}
+    # From any σ in a segment, f = x_σ + (s_k - σ) v with the exact velocity is x at s_k on the same path.
+    gen = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(6, 16, 2, 4, 4, generator=gen), torch.randn(6, 16, 2, 4, 4, generator=gen)
+    sigma = torch.tensor([0.01, 0.2, 0.21, 0.55, 0.79, 1.0])
+    edge = consistency_target_edge(sigma, edges)
+    assert edge.tolist() == pytest.approx([0.0, 0.0, 0.2, 0.2, 0.55, 0.8])
+    jumped = consistency_function(add_noise(x0, eps, sigma), sigma, eps - x0, edge)
+    torch.testing.assert_close(jumped, add_noise(x0, eps, edge), atol=1e-5, rtol=0)
+
+
+def test_cd_loss_is_zero_when_student_target_and_teacher_agree():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 16, 2, 4, 4, generator=gen)
+    cond = Conditions(ref_latent=torch.randn(3, 16, 1, 4, 4, generator=gen))
+    mask = torch.rand(3, 2, 4, 4, generator=gen)
+    obj = DistillObjective(solver_points=30, motion_weight=3.0)
+    exact = _ExactField(x0)
+    args = dict(x0=x0, cond=cond, uncond=cond.drop({"ref"}), edges=obj.edge_tensor(), grid=fine_solver_grid(30),
+                obj=obj, motion_mask=mask)
+    for seed in range(5):
+        total, terms = distill_losses(exact, exact, exact, generator=torch.Generator().manual_seed(seed), **args)
+        assert terms["loss_cd"] < 1e-6 and terms["loss_aux"] < 1e-6 and float(total) < 1e-6
+    _, off = distill_losses(_ExactField(x0, bias=0.1), exact, exact, generator=torch.Generator().manual_seed(0), **args)
+    assert off["loss_cd"] > 1e-3  # a wrong student is penalised
+
+
+# ---------------------------------------------------------------------- switches
+def _step(cfg: DistillConfig, seed: int = 0):
+    task, engine = _task(cfg)
+    loss, terms = task.micro_step(engine, _batch(), torch.Generator().manual_seed(seed))
+    return task, engine, loss, terms
+
+
+def test_all_on_trains_aux_head_and_face_path(teacher_dir):
+    task, engine, loss, terms = _step(_config(teacher_dir))
+    assert set(terms) == {"loss_cd", "loss_aux", "motion_fraction", "sigma_m", "teacher_w"}
+    assert 1.5 <= terms["teacher_w"] <= 3.0 and loss.item() > 0
+    loss.backward()
+    grads = {n: p.grad for n, p in engine.module.named_parameters()}
+    assert grads["aux_proj.weight"] is not None and grads["aux_proj.weight"].abs().sum() > 0
+    assert grads["face_embedding.weight"] is not None
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+    assert all(not p.requires_grad for p in task.target.parameters())
+
+
+def test_each_switch_removes_its_term(teacher_dir):
+    _, engine, _, terms = _step(_config(teacher_dir, **{"objective.aux": False}))
+    assert "loss_aux" not in terms and not any(n.startswith("aux_") for n, _ in engine.module.named_parameters())
+    _, engine, _, terms = _step(_config(teacher_dir, **{"objective.face": False}))
+    assert not any(n.startswith("face_") for n, _ in engine.module.named_parameters())
+    # Motion: off equals weight 1 exactly (same draws); a weight > 1 changes the loss.
+    off = _step(_config(teacher_dir, **{"objective.motion_loss": False}))[3]
+    unit = _step(_config(teacher_dir, **{"objective.motion_weight": 1.0}))[3]
+    heavy = _step(_config(teacher_dir, **{"objective.motion_weight": 5.0}))[3]
+    assert "motion_fraction" not in off and off["loss_cd"] == pytest.approx(unit["loss_cd"], rel=1e-6)
+    assert heavy["loss_cd"] > unit["loss_cd"] * 1.05
+    # No CFG in the teacher: one teacher call per step instead of two.
+    task, engine = _task(_config(teacher_dir, **{"objective.teacher_cfg": False}))
+    calls = []
+    inner = task.teacher_fn
+    task.teacher_fn = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    _, terms = task.micro_step(engine, _batch(), torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and terms["teacher_w"] == 1.0
+    # K = 1: plain consistency distillation, every target is the clean end (edge 0).
+    task = DistillTask(_config(teacher_dir, **{"objective.segments": 1}), None)
+    assert task.edges.tolist() == [0.0, 1.0]
+
+
+def test_lora_student_trains_only_adapters_and_aux(teacher_dir):
+    task, engine, loss, _ = _step(_config(teacher_dir, **{"student.mode": "lora", "student.lora_rank": 2}))
+    trainable = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("aux_") for n in trainable)
+    assert any(n.startswith("aux_") for n in trainable)
+
+
+def test_target_is_an_ema_of_the_student_after_each_optimizer_step(teacher_dir):
+    task, engine = _task(_config(teacher_dir, **{"objective.target_ema_decay": 0.9}))
+    before = {n: p.detach().clone() for n, p in task.target.named_parameters()}
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            p.add_(1.0)
+    task.sync_target(engine)  # no optimizer step yet: unchanged
+    assert all(torch.equal(p, before[n]) for n, p in task.target.named_parameters())
+    engine.global_steps = 1
+    task.sync_target(engine)
+    for name, param in task.target.named_parameters():
+        torch.testing.assert_close(param, before[name] + 0.1, atol=1e-5, rtol=0)
+    update_target(task.target, engine.module, 0.0)
+    assert all(torch.equal(p, q) for p, q in zip(task.target.parameters(), engine.module.parameters()))
+
+
+def test_tpo_adapters_are_routed_per_sigma(teacher_dir, tmp_path):
+    from model.denoiser import lora_config, use_adapter
+
+    model = build_denoiser(ModelConfig(pretrained_path=teacher_dir))
+    gen = torch.Generator().manual_seed(4)
+    for name in ("motion", "fidelity"):
+        model.add_adapter(lora_config(rank=2), name)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if "lora_B" in pname and f".{name}." in pname:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        model.save_lora_adapter(str(tmp_path / name), adapter_name=name)
+    adapters = {name: str(tmp_path / name) for name in ("motion", "fidelity")}
+    task, _ = _task(_config(teacher_dir, **{"teacher.tpo_adapters": adapters}))
+    batch = _batch()
+    cond = Conditions.from_batch(batch)
+    x, sigma = batch["latents"], torch.tensor([0.95, 0.3])  # motion segment (0.875, 1], fidelity below
+    with torch.no_grad():
+        routed = task.teacher_fn(x, sigma, cond)
+        expected = []
+        for name in ("motion", "fidelity"):
+            use_adapter(task.teacher, name)
+            expected.append(task.teacher(x, sigma, cond))
+        use_adapter(task.teacher, None)
+        base = task.teacher(x, sigma, cond)
+    torch.testing.assert_close(routed[0], expected[0][0])
+    torch.testing.assert_close(routed[1], expected[1][1])
+    assert (routed - base).abs().max() > 1e-4
+
+
+def test_lora_export_loads_and_samples_in_k_nfe(teacher_dir, tmp_path):
+    cfg = _config(teacher_dir, **{"student.mode": "lora", "student.lora_rank": 2, "objective.segments": 2})
+    task, engine = _task(cfg)
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)
+    weights = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
+    export_student(engine.module, weights, tmp_path / "export", cfg)
+    student, edges = load_student(str(tmp_path / "export"))
+    assert edges == [0.0, 0.5, 1.0] and not student.config.aux_head
+    cond = Conditions.from_batch(_batch(1))
+    x = torch.randn(1, 16, 8, 16, 16)
+    with torch.no_grad():
+        result = sample_consistency(student, x, cond, torch.tensor(edges))
+        engine.module.eval()
+        reference = sample_consistency(engine.module, x, cond, torch.tensor(edges))
+    assert result.nfe == 2
+    torch.testing.assert_close(result.x, reference.x, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- Ray Train + DeepSpeed
+def test_two_worker_deepspeed_distillation_exports_a_k_step_student(tiny_data, teacher_dir, tmp_path):
+    from model.vae import load_vae
+
+    cfg = _config(teacher_dir, data=tiny_data, steps=2, **{"checkpoint.every_n_steps": 2,
+                                                            "run.storage_path": str(tmp_path), "run.name": "student"})
+    result = run(cfg)
+    assert result.metrics["step"] == 2
+    lines = [json.loads(ln) for ln in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2]
+    assert all(ln["loss_cd"] > 0 and ln["loss_aux"] > 0 and np.isfinite(ln["loss"]) for ln in lines)
+    assert lines[-1]["val_nfe"] == 4.0
+    export = tmp_path / "student" / "export"
+    assert json.loads((export / "student.json").read_text())["edges"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    student, edges = load_student(str(export))
+    teacher = build_denoiser(ModelConfig(pretrained_path=teacher_dir))
+    changed = dict(student.named_parameters())
+    assert any(not torch.equal(p, changed[n]) for n, p in teacher.named_parameters()), "student equals the teacher"
+    cond = Conditions.from_batch(_batch(1))
+    out = generate(student, load_vae(None), cond, None, num_frames=8, sampler="consistency", consistency_edges=edges)
+    assert out.nfe == 4 and tuple(out.frames.shape) == (8, 64, 64, 3)
+    assert Path(tmp_path / "student" / "validation").is_dir()
