@@ -1,0 +1,194 @@
+"""LoRA-TPO (AlignHuman): Diffusion-DPO math, segment routing on real outputs, per-segment training,
+a 2-worker DPO run on synthetic pairs, and the preference-pairs job writing to the moto S3 server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.conditions import Conditions
+from model.denoiser import use_adapter
+from model.losses import diffusion_dpo_loss
+from model.presets import ModelConfig, build_denoiser
+from model.samplers import default_tpo_plan, sample_segment_routed
+from model.storage import Storage
+from ray_jobs.train_tpo import ADAPTERS, TPOConfig, TPOObjective, TPOTask, adapter_params, add_tpo_adapters
+
+BOUNDARY = 0.875
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(batch: int = 2, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 16, 8, 16, 16, generator=gen)
+    cond = Conditions(ref_latent=torch.randn(batch, 16, 1, 16, 16, generator=gen),
+                      pose=torch.rand(batch, 3, 8, 64, 64, generator=gen) * 2 - 1,
+                      audio=torch.randn(batch, 8, 6, 32, generator=gen),
+                      face=torch.randn(batch, 16, 8, 8, 8, generator=gen))
+    return x0, cond
+
+
+def _wake(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    """Make zero-initialised output layers and LoRA B matrices non-zero, so every path acts."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or (param.abs().max() == 0 and param.ndim >= 2):
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+@contextlib.contextmanager
+def _zeroed(model: torch.nn.Module, adapter: str):
+    """Temporarily set one adapter's LoRA B matrices to zero (the adapter then adds nothing)."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n and f".{adapter}." in n}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in saved:
+            params[n].zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
+@pytest.fixture(scope="module")
+def tpo_model():
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig())
+    add_tpo_adapters(model, TPOObjective(lora_rank=4))
+    _wake(model)
+    return model
+
+
+# --- Diffusion-DPO math -------------------------------------------------------------------------
+
+def test_dpo_loss_math():
+    """log 2 at policy == reference; no gradient into the reference; zero gradient only for identical
+    pairs (in general it is beta/2 (grad e_w - grad e_l)); lowering the winner error lowers the loss."""
+    beta = 10.0
+    w = torch.tensor([0.5, 0.7], requires_grad=True)
+    l = torch.tensor([0.6, 0.4], requires_grad=True)
+    w_ref, l_ref = w.detach().clone().requires_grad_(True), l.detach().clone().requires_grad_(True)
+    out = diffusion_dpo_loss(w, l, w_ref, l_ref, beta)
+    assert torch.allclose(out.loss, torch.full((2,), math.log(2.0)))
+    assert torch.equal(out.implicit_acc, torch.full((2,), 0.5))
+    out.loss.sum().backward()
+    assert w_ref.grad is None and l_ref.grad is None  # the reference never gets gradient
+    assert torch.allclose(w.grad, torch.full((2,), beta / 2)) and torch.allclose(l.grad, torch.full((2,), -beta / 2))
+
+    # identical winner and loser (same network, same x0): the parameter gradient is exactly zero
+    theta = torch.tensor([1.3, -0.2], requires_grad=True)
+    err = (theta ** 2).sum().reshape(1)
+    same = diffusion_dpo_loss(err, err, err.detach(), err.detach(), beta)
+    (grad,) = torch.autograd.grad(same.loss.sum(), theta)
+    assert torch.equal(grad, torch.zeros(2))
+
+    # lowering the winner's error (reference fixed) lowers the loss and flips the implicit accuracy
+    better = diffusion_dpo_loss(w.detach() - 0.01, l.detach(), w_ref.detach(), l_ref.detach(), beta)
+    assert bool((better.loss < math.log(2.0)).all()) and torch.equal(better.implicit_acc, torch.ones(2))
+    assert torch.allclose(better.reward_margin, torch.full((2,), beta * 0.01))
+    worse = diffusion_dpo_loss(w.detach(), l.detach() - 0.01, w_ref.detach(), l_ref.detach(), beta)
+    assert bool((worse.loss > math.log(2.0)).all()) and torch.equal(worse.implicit_acc, torch.zeros(2))
+
+
+# --- segment routing on outputs -------------------------------------------------------------------
+
+def test_routed_sampler_uses_motion_above_and_fidelity_below_boundary(tpo_model):
+    """Every call of the default-shaped routed sampler (2 + 3 guided steps: 10 NFE; the default spends 30): zeroing an adapter changes that call's output
+    only in its own segment (σ > σ_b: motion; σ <= σ_b, σ_b itself included: fidelity)."""
+    model = tpo_model.eval()
+    _, cond = _inputs(batch=1)
+    uncond = cond.drop({"pose", "audio", "face"})
+    effect = []  # (sigma, |Δv| without motion, |Δv| without fidelity)
+
+    def probe(x, sigma, c):
+        v = model(x, sigma, c)
+        deltas = []
+        for adapter in ADAPTERS:
+            with _zeroed(model, adapter):
+                deltas.append(float((model(x, sigma, c) - v).abs().max()))
+        effect.append((float(sigma[0]), *deltas))
+        return v
+
+    noise = torch.randn(1, 16, 8, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = sample_segment_routed(probe, noise, cond, uncond, default_tpo_plan(BOUNDARY, motion_steps=2, fidelity_steps=3),
+                                    lambda name: use_adapter(model, name))
+    assert out.nfe == 10 == len(effect) and sum(seg.nfe for seg in default_tpo_plan(BOUNDARY)) == 30
+    above = [(s, m, f) for s, m, f in effect if s > BOUNDARY]
+    below = [(s, m, f) for s, m, f in effect if s <= BOUNDARY]
+    assert len(above) == 4 and len(below) == 6 and any(s == BOUNDARY for s, _, _ in below)
+    assert all(m > 1e-3 and f == 0.0 for _, m, f in above), above
+    assert all(f > 1e-3 and m == 0.0 for _, m, f in below), below
+    use_adapter(model, None)
+    model.train()
+
+
+# --- per-segment training -------------------------------------------------------------------------
+
+def _batch(dimensions: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    x0, cond = _inputs(batch=len(dimensions), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {"ref_latent": cond.ref_latent, "pose": ((cond.pose + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1),
+            "audio_feats": cond.audio, "face_latents": cond.face,
+            "has_audio": torch.ones(len(dimensions), dtype=torch.bool), "has_face": torch.ones(len(dimensions), dtype=torch.bool),
+            "winner_latents": x0, "loser_latents": x0 + 0.3 * torch.randn(x0.shape, generator=gen),
+            "is_motion": torch.tensor([d == "motion" for d in dimensions])}
+
+
+def _lora_layer(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+def test_each_adapter_trains_only_on_its_segment(tpo_model, tmp_path):
+    model = tpo_model.train()
+    cfg = TPOConfig(model=ModelConfig(pretrained_path=str(tmp_path)), tpo=TPOObjective(sigma_boundary=BOUNDARY))
+    task = TPOTask(cfg)
+    groups = task.param_groups(model)
+    assert [g["name"] for g in groups] == list(ADAPTERS)
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    assert {id(p) for g in groups for p in g["params"]} == lora and sum(len(g["params"]) for g in groups) == len(lora)
+
+    seen = []  # (sigma, active adapter or None when disabled, grad enabled)
+    layer = _lora_layer(model)
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(
+        (args[1].clone(), None if layer.disable_adapters else layer.active_adapters[0], torch.is_grad_enabled())))
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for dims in (["motion", "fidelity", "motion"], ["motion", "motion"], ["fidelity", "fidelity"]) * 4:
+            model.zero_grad(set_to_none=True)
+            loss, metrics = task.micro_step(model, _batch(dims), gen)
+            loss.backward()
+            for adapter in ADAPTERS:
+                trained = adapter in dims
+                grads = [p.grad for p in adapter_params(model, adapter)]
+                assert all(g is not None and g.abs().sum() > 0 for g in grads) if trained else all(g is None for g in grads)
+                assert (f"sigma_min_{adapter}" in metrics) == trained
+            base = [p for n, p in model.named_parameters() if "lora_" not in n]
+            assert all(p.grad is None for p in base)
+    finally:
+        hook.remove()
+    policy = [(s, a) for s, a, g in seen if g]
+    assert all(a is not None for s, a in policy) and all(a is None for s, a, g in seen if not g)  # reference: disabled, no grad
+    motion = torch.cat([s for s, a in policy if a == "motion"])
+    fidelity = torch.cat([s for s, a in policy if a == "fidelity"])
+    assert motion.min() > BOUNDARY and motion.max() <= 1.0 and fidelity.min() >= 0.0 and fidelity.max() < BOUNDARY
+    assert motion.numel() >= 6 and fidelity.numel() >= 6
+    # the flags were never flipped by switching: both adapters still train
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
