@@ -82,6 +82,34 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int) -> dict:
             "pipeline_clips_per_s": clips / min(t for t, _ in pipeline)}
 
 
+def _stage_profile(videos: Path) -> dict:
+    """Milliseconds per video of each stage, in-process on one core (where the pipeline's time goes)."""
+    import numpy as np
+
+    from model.media import decode_audio, decode_video
+    from ray_jobs.preprocess import PreprocessConfig, udfs
+
+    source = sorted(videos.glob("*.mp4"))[0]
+    cfg = PreprocessConfig(input=str(videos), output="unused", vae={"enabled": False})
+    item = {"source": str(source), "sidecar": str(source.with_suffix(".json")), "size": 0, "mtime": 0}
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        timings[name] = round((time.perf_counter() - start) * 1000, 1)
+        return out
+
+    timed("ffmpeg_video_only", lambda: decode_video(source, cfg.fps, (cfg.width, cfg.height)))
+    timed("ffmpeg_audio_only", lambda: decode_audio(source))
+    rows = timed("decode_clips_total", lambda: udfs.decode_clips(item, cfg))
+    batch = {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray)
+             else np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    for stage in (udfs.add_audio_features, udfs.add_pose, udfs.add_face_track, udfs.add_motion_mask):
+        batch = timed(stage.__name__, lambda: stage(batch, cfg))
+    return {"clips": len(rows), "ms": timings}
+
+
 def _goal(name: str, value: float, target: float, unit: str = "x") -> dict:
     return {"name": name, "value": round(value, 3), "target": target, "unit": unit, "met": value >= target}
 
@@ -97,6 +125,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
         videos = _make_videos(work / "synthetic", args.videos, args.duration)
+        profile = _stage_profile(videos)
         load_before = os.getloadavg()
         one, two = (_measure(n, videos, work, args.repeats) for n in (1, 2))
         load_after = os.getloadavg()
@@ -105,7 +134,7 @@ def main(argv=None) -> dict:
             _goal("pipeline_vs_decode_2cpu", two["pipeline_clips_per_s"] / two["decode_clips_per_s"], 0.8),
             _goal("pipeline_scaling_2cpu_vs_1cpu", two["pipeline_clips_per_s"] / one["pipeline_clips_per_s"], 1.7),
         ],
-        "cpu1": one, "cpu2": two,
+        "cpu1": one, "cpu2": two, "stage_profile_one_video": profile,
         "pipeline_vs_decode_1cpu": one["pipeline_clips_per_s"] / one["decode_clips_per_s"],
         "decode_scaling_2cpu_vs_1cpu": two["decode_clips_per_s"] / one["decode_clips_per_s"],
         "setup": {"videos": args.videos, "duration_s": args.duration, "size": "64x64", "fps": 16,
