@@ -213,15 +213,17 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     counts = [n for _, n in sampler.samples]
-    scaled_up = max(counts) > counts[0] if counts else False
-    scaled_down = bool(counts) and counts[-1] < max(counts)
+    floor = app_args["animator"]["min_replicas"]
+    scaled_up = bool(counts) and max(counts) > counts[0]
+    # Back down means back at min_replicas with replicas RUNNING; 0 would be replicas killed, not scaled.
+    scaled_down = scaled_up and counts[-1] == floor
     goals = [
         {"name": "lost_requests", "value": load["lost"], "target": 0, "unit": "requests", "met": load["lost"] == 0},
         {"name": "serve_http_added_latency", "value": round(overhead["added_fraction"] * 100, 2), "target": 5.0,
          "unit": "% of in-process median", "met": overhead["added_fraction"] <= 0.05},
         {"name": "scales_up_under_load", "value": max(counts) if counts else 0, "target": 2, "unit": "replicas",
          "met": scaled_up},
-        {"name": "scales_back_down", "value": counts[-1] if counts else 0, "target": 1, "unit": "replicas",
+        {"name": "scales_back_down", "value": counts[-1] if counts else 0, "target": floor, "unit": "replicas",
          "met": scaled_down},
     ]
     result = {"goals": goals, "load": load, "overhead": overhead, "replicas_over_time": sampler.samples,
