@@ -9,9 +9,12 @@ by the temp dir on their command lines, plus their descendants), never by a mach
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -31,6 +34,14 @@ INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
 RAY_BIN = Path(sys.executable).parent / "ray"
 REQUIRED_JOBS = {"preprocess", "train_teacher", "train_tpo", "distill_lcm"}
+# job module -> its typed config (what `--config FILE --set k=v` is parsed into)
+JOB_CONFIGS = {"synthetic": "ray_jobs.synthetic.world:SyntheticConfig",
+               "preprocess": "ray_jobs.preprocess.config:PreprocessConfig",
+               "train_teacher": "ray_jobs.train_teacher:TeacherConfig",
+               "make_preferences": "ray_jobs.make_preferences:PreferencesConfig",
+               "train_tpo": "ray_jobs.train_tpo:TPOConfig",
+               "distill_lcm": "ray_jobs.distill_lcm:DistillConfig",
+               "pipeline": "ray_jobs.pipeline:PipelineConfig"}
 
 
 # ---------------------------------------------------------------- cluster launcher (ray up)
@@ -75,19 +86,21 @@ def test_cluster_yaml_passes_ray_up_validation():
     assert any("--autoscaling-config" in cmd for cmd in prepared["head_start_ray_commands"])
 
 
-@pytest.mark.parametrize("plant", ["unknown_key", "bad_head_type", "min_over_max", "bad_type"])
+_PLANTS = {  # name -> (mutation, what Ray's error must say)
+    "unknown_key": (lambda c: c.update(idle_timeout_minutez=5), "idle_timeout_minutez"),
+    "bad_head_type": (lambda c: c.update(head_node_type="no.such.type"), "head_node_type"),
+    "min_over_max": (lambda c: c["available_node_types"]["cpu-spot"].update(min_workers=10_000), "min_workers"),
+    "bad_type": (lambda c: c.update(max_workers="many"), "is not of type 'integer'"),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(_PLANTS))
 def test_cluster_yaml_planted_error_fails_validation(plant):
     config = _load_cluster()
     _ray_up_checks(config)  # the unplanted config passes, so a failure below is the plant's
-    if plant == "unknown_key":
-        config["idle_timeout_minutez"] = 5
-    elif plant == "bad_head_type":
-        config["head_node_type"] = "no.such.type"
-    elif plant == "min_over_max":
-        next(s for n, s in config["available_node_types"].items() if n != config["head_node_type"])["min_workers"] = 10_000
-    else:
-        config["max_workers"] = "many"
-    with pytest.raises((jsonschema.ValidationError, ValueError)):
+    mutate, message = _PLANTS[plant]
+    mutate(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=message):
         _ray_up_checks(config)
 
 
@@ -136,19 +149,51 @@ def test_kuberay_manifests_structure():
         spec = job["spec"]
         _check_cluster_spec(name, spec["rayClusterSpec"])
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0, name
-        argv = spec["entrypoint"].split()
-        assert argv[:2] == ["python", "-m"] and argv[2].startswith("ray_jobs."), name
-        module = argv[2].removeprefix("ray_jobs.")
-        seen_modules.add(module)
-        assert "--config" in argv, name
-        overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
-        assert any(value.split("=", 1)[1].startswith("s3://") for value in overrides), f"{name}: no S3 paths"
         assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(job)
+        module, config_file, overrides = _parse_entrypoint(name, spec["entrypoint"])
+        seen_modules.add(module)
+        assert (REPO / config_file).is_file(), f"{name}: {config_file}"
+        assert any(value.split("=", 1)[1].startswith("s3://") for value in overrides), f"{name}: no S3 paths"
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["OMP_NUM_THREADS"]
     assert seen_modules >= REQUIRED_JOBS
-    for module in seen_modules:  # the job modules that exist by now must be importable by that name
-        if (REPO / "ray_jobs" / f"{module}.py").exists() or (REPO / "ray_jobs" / module).is_dir():
-            assert find_spec(f"ray_jobs.{module}") is not None, module
     _check_cluster_spec("rayservice", services[0]["spec"]["rayClusterConfig"])
+
+
+def _parse_entrypoint(name: str, entrypoint: str) -> tuple[str, str, list[str]]:
+    """`python -m ray_jobs.NAME --config FILE --set k=v ...` -> (NAME, FILE, ["k=v", ...])."""
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("ray_jobs."), f"{name}: {argv[:3]}"
+    assert argv[3] == "--config" and all(flag == "--set" for flag in argv[5::2]), f"{name}: {argv[3:]}"
+    return argv[2].removeprefix("ray_jobs."), argv[4], argv[6::2]
+
+
+def _field(section, name: str):
+    return section[name] if isinstance(section, dict) else getattr(section, name)
+
+
+def _config_class(module: str) -> type:
+    target_module, _, class_name = JOB_CONFIGS[module].partition(":")
+    return getattr(importlib.import_module(target_module), class_name)
+
+
+def test_kuberay_job_arguments_parse_into_the_job_configs():
+    """Each RayJob's --config file plus its --set overrides is a valid config of that job (no typos)."""
+    from model.config import load_config
+
+    for name, manifest in _manifests().items():
+        if manifest["kind"] != "RayJob":
+            continue
+        module, config_file, overrides = _parse_entrypoint(name, manifest["spec"]["entrypoint"])
+        cfg = load_config(_config_class(module), REPO / config_file, overrides)
+        for override in overrides:  # every override landed where it says
+            key, value = override.split("=", 1)
+            landed = functools.reduce(_field, key.split("."), cfg)
+            assert str(landed).lower() == value.lower() or landed == yaml.safe_load(value), f"{name}: {key}={landed!r}"
+        if hasattr(cfg, "scaling") and cfg.scaling.use_gpu:  # the job's ranks fit the GPU group's pods
+            groups = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+            gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+                       * g["maxReplicas"] for g in groups)
+            assert cfg.scaling.num_workers <= gpus, f"{name}: {cfg.scaling.num_workers} ranks > {gpus} GPUs"
 
 
 def test_rayservice_serve_config_passes_serve_schema():
@@ -163,8 +208,12 @@ def test_rayservice_serve_config_passes_serve_schema():
     # The RayService serves the same app as `serve deploy serving/config.yaml`.
     deploy_config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     assert app.import_path == deploy_config["applications"][0]["import_path"]
-    assert app.args["model"]["preset"] in ("wan-1.3b", "wan-animate-14b")
-    assert app.args["model"]["pretrained_path"].startswith("s3://")
+    assert serve_config == deploy_config, "RayService and serving/config.yaml drifted apart"
+    from serving.config import ServeAppConfig
+
+    args = ServeAppConfig.model_validate(app.args)  # what build_app does with them on the cluster
+    assert args.model.preset in ("wan-1.3b", "wan-animate-14b")
+    assert args.model.pretrained_path.startswith("s3://")
     with pytest.raises(Exception):  # the schema is strict enough to catch a broken config
         ServeDeploySchema.model_validate({**serve_config, "applications": [{"name": "x"}]})
 
