@@ -192,3 +192,130 @@ def test_each_adapter_trains_only_on_its_segment(tpo_model, tmp_path):
     assert motion.numel() >= 6 and fidelity.numel() >= 6
     # the flags were never flipped by switching: both adapters still train
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+# --- Ray jobs -------------------------------------------------------------------------------------
+# These use their own small shard set (schema of docs/design.md, a moving square per clip, latents
+# drawn at random) and a random-weight tiny VAE folder instead of the session `tiny_data` fixture:
+# the checked-in tiny VAE is not there yet (model/assets/tiny_vae), and preprocessing costs ~2 min.
+
+def _clip_row(i: int, rng: np.random.Generator) -> dict:
+    frames = np.full((8, 64, 64, 3), 40, np.uint8)
+    for t in range(8):
+        x = 8 + 4 * t + i
+        frames[t, 20:36, x:x + 16] = (200, 120, 60)
+    mask = np.zeros((8, 16, 16), np.float32)
+    mask[:, 5:9, 2:14] = 1.0
+    pose = np.zeros((8, 64, 64, 3), np.uint8)
+    pose[:, 26:30, 10:50] = 255
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    return {"video_id": f"v{i // 2}", "clip_index": i % 2, "identity_id": f"id{i}", "split": "train",
+            "frames": frames, "ref_frame": frames[0], "keypoints": np.zeros((8, 17, 3), np.float32), "pose": pose,
+            "audio_feats": f32(8, 6, 32), "has_audio": True, "has_face": True,
+            "face_boxes": np.tile(np.array([16, 16, 40, 40], np.float32), (8, 1)), "motion_mask": mask,
+            "latents": f32(16, 8, 16, 16), "ref_latent": f32(16, 1, 16, 16), "face_latents": f32(16, 8, 8, 8)}
+
+
+@pytest.fixture(scope="module")
+def small_shards(ray_session, tmp_path_factory):
+    import ray.data
+
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    ray.data.from_items([_clip_row(i, rng) for i in range(8)]).repartition(2).write_parquet(str(root / "data"))
+    Storage().write_json(str(root / "manifest.json"), {"shards": [f"data/{p.name}" for p in sorted((root / "data").glob("*.parquet"))]})
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKLWan
+
+    folder = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, False], latents_mean=[0.0] * 16,
+                     latents_std=[1.0] * 16).save_pretrained(str(folder))
+    return str(folder)
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """A tiny denoiser export folder (random init; the jobs only need the teacher's format)."""
+    folder = tmp_path_factory.mktemp("teacher") / "export"
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig())
+    _wake(model, scale=0.02)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, random_teacher, s3_bucket, s3_server):
+    from ray_jobs.preferences import PreferencesConfig, read_pairs, run
+
+    output = f"{s3_bucket}/prefs"
+    cfg = PreferencesConfig.model_validate({
+        "data": small_shards, "output": output, "max_clips": 2,
+        "model": {"pretrained_path": random_teacher, "vae_path": tiny_vae_dir},
+        "sampling": {"num_candidates": 3, "steps": 2, "guidance": 1.0},
+        "storage": {"endpoint_url": s3_server.endpoint_url}, "actors": {"num_cpus": 0.5}})
+    manifest = run(cfg)
+    storage = Storage(cfg.storage)
+    assert storage.read_json(f"{output}/manifest.json") == json.loads(json.dumps(manifest))
+    assert 1 <= manifest["num_pairs"] <= 4 and set(manifest["pairs_by_dimension"]) <= {"motion", "fidelity"}
+    assert all(storage.exists(f"{output}/{rel}") for rel in manifest["shards"])
+    rows = read_pairs(output, storage).take_all()
+    assert len(rows) == manifest["num_pairs"]
+    for row in rows:
+        assert row["winner_latents"].shape == row["loser_latents"].shape == (16, 8, 16, 16)
+        assert not np.array_equal(row["winner_latents"], row["loser_latents"])
+        assert row["margin"] > 0 and np.isclose(row["winner_reward"] - row["loser_reward"], row["margin"], atol=1e-5)
+        assert row["ref_latent"].shape == (16, 1, 16, 16) and row["pose"].dtype == np.uint8
+
+
+def _synthetic_pairs(shards: str, out: str) -> int:
+    """Pairs with a known preference: winner = the true latents; motion loser = the first latent frame
+    frozen over time, fidelity loser = the true latents plus noise."""
+    import ray.data
+
+    from ray_jobs.training.driver import read_shards
+
+    cols = ["latents", "ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for clip in read_shards(shards, Storage(), split="train", columns=cols).take_all():
+        truth = clip.pop("latents")
+        frozen = np.repeat(truth[:, :1], truth.shape[1], axis=1)
+        noisy = truth + 0.5 * rng.standard_normal(truth.shape).astype(np.float32)
+        for dimension, loser in (("motion", frozen), ("fidelity", noisy)):
+            rows.append({**clip, "dimension": dimension, "winner_latents": truth, "loser_latents": loser})
+    ray.data.from_items(rows).repartition(2).write_parquet(f"{out}/data")
+    files = sorted(p.name for p in (__import__("pathlib").Path(out) / "data").glob("*.parquet"))
+    Storage().write_json(f"{out}/manifest.json", {"shards": [f"data/{f}" for f in files], "num_pairs": len(rows)})
+    return len(rows)
+
+
+def test_two_worker_tpo_run_lifts_implicit_accuracy(small_shards, random_teacher, tmp_path):
+    from ray_jobs.train_tpo import run
+
+    pairs = str(tmp_path / "pairs")
+    assert _synthetic_pairs(small_shards, pairs) >= 16
+    cfg = TPOConfig.model_validate({
+        "data": pairs, "steps": 30, "batch_size": 4, "model": {"pretrained_path": random_teacher},
+        "optim": {"lr": 1e-3}, "tpo": {"beta": 500.0, "lora_rank": 4},
+        "checkpoint": {"every_n_steps": 30}, "run": {"name": "tpo", "storage_path": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}})
+    result = run(cfg)
+    assert result.metrics["step"] == 30
+    lines = [json.loads(ln) for ln in (tmp_path / "runs" / "tpo" / "metrics.jsonl").read_text().splitlines()]
+    late = [ln[f"implicit_acc_{a}"] for ln in lines[-10:] for a in ADAPTERS if f"implicit_acc_{a}" in ln]
+    print("implicit accuracy, last 10 steps:", np.mean(late), "first step:", lines[0])
+    assert np.mean(late) > 0.5 + 0.15
+    for ln in lines:
+        assert ln.get("sigma_min_motion", 1.0) > BOUNDARY and ln.get("sigma_max_fidelity", 0.0) < BOUNDARY
+    export = tmp_path / "runs" / "tpo" / "export"
+    assert all((export / name / "pytorch_lora_weights.safetensors").is_file() for name in ADAPTERS)
+    from ray_jobs.train_tpo import load_tpo_adapters
+
+    teacher = build_denoiser(ModelConfig(pretrained_path=random_teacher))
+    load_tpo_adapters(teacher, export)
+    assert any(p.abs().max() > 0 for n, p in teacher.named_parameters() if "lora_B" in n)  # trained, not the zero init

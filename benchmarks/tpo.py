@@ -1,0 +1,175 @@
+"""LoRA-TPO benchmark (issue 6) on held-out synthetic identities -> benchmarks/results/tpo.json (+ tpo.png).
+
+Pipeline, end to end with the project's jobs: synthetic world -> preprocess (VAE on) -> teacher
+(`--teacher-steps`) -> preference pairs (teacher candidates, gt rewards) -> TPO (`--tpo-steps`) ->
+evaluation on every held-out clip of:
+  (a) teacher, Euler + CFG, 50 steps = 100 NFE;   (b) teacher, 15 steps = 30 NFE;
+  (c) TPO, `default_tpo_plan()` = 30 NFE;          (d) motion adapter alone / fidelity adapter alone (30 NFE).
+Per variant: motion reward (gt_motion), fidelity reward (gt_fidelity), PSNR/SSIM vs truth, NFE,
+wall time (sampling + VAE decode), and the copy-the-reference baseline. Goal: (c) >= (a) on both rewards.
+Premise table (AlignHuman: early steps set motion, late steps set fidelity), on the teacher with the
+100-NFE budget's step density: coarse early segment (1 step above σ_b), coarse late segment (1 step
+below σ_b), and adapters swapped between segments. Reported whatever it shows; nothing is tuned here.
+
+    python benchmarks/tpo.py --vae-path PATH [--teacher-steps 300 --tpo-steps 200 --videos 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _prepare(work: Path, args) -> dict:
+    """Synthesize, preprocess, train the teacher, make pairs, train TPO; return paths and seconds."""
+    from model.config import load_config
+    from ray_jobs.preferences import PreferencesConfig, run as make_pairs
+    from ray_jobs.preprocess.config import PreprocessConfig
+    from ray_jobs.preprocess.job import run as preprocess
+    from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
+    from ray_jobs.train_teacher import TeacherConfig, run as train_teacher
+    from ray_jobs.train_tpo import TPOConfig, run as train_tpo
+
+    seconds = {}
+    t0 = time.perf_counter()
+    synthesize(SyntheticConfig(out=str(work / "synthetic"), num_videos=args.videos, seed=5, duration=2.0,
+                               num_identities=6, heldout_identities=2, executor="local"))
+    vae = {"vae.path": args.vae_path} if args.vae_path else {}
+    preprocess(load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                           {"input": str(work / "synthetic" / "videos"), "output": str(work / "shards"), **vae}))
+    seconds["data"] = time.perf_counter() - t0
+    common = {"data": str(work / "shards"), "run.storage_path": str(work / "runs"), "model.vae_path": args.vae_path}
+    t0 = time.perf_counter()
+    train_teacher(load_config(TeacherConfig, "ray_jobs/configs/tiny/train_teacher.yaml",
+                              {**common, "steps": args.teacher_steps, "checkpoint.every_n_steps": args.teacher_steps}))
+    seconds["teacher_training"] = time.perf_counter() - t0
+    teacher = str(work / "runs" / "teacher" / "export")
+    t0 = time.perf_counter()
+    make_pairs(load_config(PreferencesConfig, "ray_jobs/configs/tiny/make_preferences.yaml",
+                           {"data": str(work / "shards"), "output": str(work / "pairs"),
+                            "model.pretrained_path": teacher, "model.vae_path": args.vae_path,
+                            "sampling.steps": args.pair_steps, "sampling.num_candidates": args.candidates}))
+    seconds["pairs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_tpo(load_config(TPOConfig, "ray_jobs/configs/tiny/train_tpo.yaml",
+                          {**common, "data": str(work / "pairs"), "model.pretrained_path": teacher,
+                           "steps": args.tpo_steps, "checkpoint.every_n_steps": args.tpo_steps}))
+    seconds["tpo_training"] = time.perf_counter() - t0
+    return {"teacher": teacher, "tpo": str(work / "runs" / "tpo" / "export"), "seconds": seconds}
+
+
+def _variants(boundary: float) -> dict:
+    """name -> generate() kwargs (sampler settings)."""
+    from model.samplers import SegmentPlan, default_tpo_plan
+
+    def plan(motion_steps, fidelity_steps, motion="motion", fidelity="fidelity"):
+        return {"sampler": "tpo", "tpo_plan": default_tpo_plan(boundary, motion_steps, fidelity_steps,
+                                                               motion_adapter=motion, fidelity_adapter=fidelity)}
+
+    dense_motion = max(1, round(50 * (1 - boundary)))
+    return {
+        "a_teacher_100nfe": {"sampler": "euler_cfg", "steps": 50},
+        "b_teacher_30nfe": {"sampler": "euler_cfg", "steps": 15},
+        "c_tpo_30nfe": plan(5, 10),
+        "d_motion_adapter_only": plan(5, 10, fidelity=None),
+        "d_fidelity_adapter_only": plan(5, 10, motion=None),
+        "premise_teacher_dense": plan(dense_motion, 50 - dense_motion, None, None),
+        "premise_coarse_early": plan(1, 50 - dense_motion, None, None),
+        "premise_coarse_late": plan(dense_motion, 1, None, None),
+        "premise_adapters_swapped": plan(5, 10, motion="fidelity", fidelity="motion"),
+    }
+
+
+def _evaluate(paths: dict, args) -> dict:
+    from model.conditions import Conditions
+    from model.denoiser import use_adapter
+    from model.generate import generate
+    from model.metrics import psnr, ssim
+    from model.presets import ModelConfig, build_denoiser
+    from model.storage import Storage
+    from model.vae import load_vae
+    from ray_jobs.preferences.rewards import gt_fidelity, gt_motion
+    from ray_jobs.train_tpo import load_tpo_adapters
+    from ray_jobs.training.driver import read_shards
+
+    model = build_denoiser(ModelConfig(pretrained_path=paths["teacher"])).eval()
+    load_tpo_adapters(model, paths["tpo"])
+    vae = load_vae(args.vae_path)
+    clips = read_shards(str(Path(args.work) / "shards"), Storage(), split="heldout").take(args.eval_clips)
+    figures = {}
+    for name, kwargs in _variants(args.boundary).items():
+        rows = []
+        for clip in clips:
+            batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in clip.items() if isinstance(v, np.ndarray)}
+            cond = Conditions.from_batch(batch)
+            use_adapter(model, None)
+            switch = (lambda a: use_adapter(model, a)) if kwargs["sampler"] == "tpo" else None
+            out = generate(model, vae, cond, cond.drop({"pose", "audio", "face"}), num_frames=8, guidance=None
+                           if kwargs["sampler"] == "tpo" else args.guidance, adapter_switch=switch, seed=0, **kwargs)
+            frames = out.frames.numpy()
+            rows.append([gt_motion(frames, clip), gt_fidelity(frames, clip), psnr(frames, clip["frames"]),
+                         ssim(frames, clip["frames"]), out.nfe, out.seconds])
+        figures[name] = dict(zip(["motion_reward", "fidelity_reward", "psnr", "ssim", "nfe", "seconds"],
+                                 np.mean(rows, axis=0).tolist()))
+    ref = [[gt_motion(np.repeat(c["ref_frame"][None], 8, 0), c), gt_fidelity(np.repeat(c["ref_frame"][None], 8, 0), c)]
+           for c in clips]
+    figures["copy_reference"] = dict(zip(["motion_reward", "fidelity_reward"], np.mean(ref, axis=0).tolist()))
+    return figures
+
+
+def _plot(figures: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in figures if "nfe" in figures[n]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("motion_reward", "fidelity_reward")):
+        ax.barh(names, [figures[n][key] for n in names])
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="outputs/bench_tpo")
+    parser.add_argument("--vae-path", default=None, help="AutoencoderKLWan folder (None = the checked-in tiny VAE)")
+    parser.add_argument("--videos", type=int, default=12)
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--tpo-steps", type=int, default=200)
+    parser.add_argument("--pair-steps", type=int, default=10)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--eval-clips", type=int, default=8)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--boundary", type=float, default=0.875)
+    args = parser.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    torch.set_num_threads(2)
+    work = Path(args.work).resolve()
+    args.work = str(work)
+    paths = _prepare(work, args)
+    figures = _evaluate(paths, args)
+    a, c = figures["a_teacher_100nfe"], figures["c_tpo_30nfe"]
+    goals = [{"name": f"tpo_30nfe_vs_teacher_100nfe_{k}", "value": c[k] - a[k], "target": 0.0, "unit": "reward delta",
+              "met": bool(c[k] >= a[k])} for k in ("motion_reward", "fidelity_reward")]
+    premise = {k: {m: figures[k][m] for m in ("motion_reward", "fidelity_reward")} for k in figures if k.startswith("premise")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tpo.json").write_text(json.dumps({"goals": goals, "variants": figures, "premise_table": premise,
+                                                  "seconds": paths["seconds"], "args": vars(args)}, indent=2))
+    _plot(figures, RESULTS / "tpo.png")
+    print(json.dumps(goals, indent=2))
+
+
+if __name__ == "__main__":
+    main()
