@@ -137,16 +137,26 @@ class DistillConfig(TrainJobConfig):
     teacher: TeacherSource = Field(default_factory=TeacherSource)
     validation: DistillValidation = Field(default_factory=DistillValidation)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _switches_into_model(cls, data: Any) -> Any:
+        """Copy objective.aux/face into model.aux_head/face_injection; a contradicting explicit value is an error."""
+        if not isinstance(data, dict):
+            return data
+        objective, model = (_as_dict(data.get(key)) for key in ("objective", "model"))
+        for field, switch in (("aux_head", "aux"), ("face_injection", "face")):
+            wanted = objective.get(switch, DistillObjective.model_fields[switch].default)
+            if field in model and model[field] != wanted:
+                raise ValueError(f"model.{field}={model[field]} contradicts objective.{switch}={wanted}; "
+                                 f"set objective.{switch} only")
+            model[field] = wanted
+        return {**data, "model": model}
+
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
         if self.deepspeed.zero_stage == 3:
             raise ValueError("distillation supports ZeRO <= 2: the EMA target network needs the full student on every "
                              "rank each step (see ray_jobs.distill_lcm docstring); use zero_stage 1 or 2")
-        for field, switch in (("aux_head", "aux"), ("face_injection", "face")):
-            wanted = getattr(self.objective, switch)
-            if field in self.model.model_fields_set and getattr(self.model, field) != wanted:
-                raise ValueError(f"model.{field}={getattr(self.model, field)} contradicts objective.{switch}={wanted}; "
-                                 f"set objective.{switch} only")
         for name in {seg.adapter for seg in self.teacher.plan()} - {None}:
             if self.teacher.tpo_adapters and name not in self.teacher.tpo_adapters:
                 raise ValueError(f"TPO plan names adapter {name!r}, tpo_adapters has {sorted(self.teacher.tpo_adapters)}")
@@ -155,12 +165,20 @@ class DistillConfig(TrainJobConfig):
     def student_model_config(self) -> ModelConfig:
         """The student's ModelConfig: switches from the objective, weights from the teacher unless given."""
         path = self.model.pretrained_path or self.teacher.path
-        return self.model.model_copy(update={"aux_head": self.objective.aux, "face_injection": self.objective.face,
-                                             "pretrained_path": path})
+        return self.model.model_copy(update={"pretrained_path": path})
 
     def teacher_model_config(self) -> ModelConfig:
         return self.model.model_copy(update={"aux_head": False, "face_injection": self.teacher.face_injection,
                                              "pretrained_path": self.teacher.path, "gradient_checkpointing": False})
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    """A config section given as a dict, a config object (its set fields) or None, as a new dict."""
+    if section is None:
+        return {}
+    if isinstance(section, StrictConfig):
+        return section.model_dump(exclude_unset=True)
+    return dict(section)
 
 
 # ---------------------------------------------------------------------- pure pieces
