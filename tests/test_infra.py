@@ -308,7 +308,8 @@ def local_head():
 def _runtime_env_for_submit() -> dict:
     """What `ray job submit --working-dir . --runtime-env infra/runtime_env.yaml` sends."""
     runtime_env = yaml.safe_load((INFRA / "runtime_env.yaml").read_text())
-    assert "working_dir" not in runtime_env and "pip" not in runtime_env  # code comes from --working-dir, deps from the image
+    # The code comes from --working-dir, the dependencies from the image.
+    assert "working_dir" not in runtime_env and "pip" not in runtime_env
     return {**runtime_env, "working_dir": str(REPO)}
 
 
