@@ -62,12 +62,14 @@ def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: in
     return deep_merge(config, section.raw_override)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimSection) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over ``params`` and a linear-warmup LambdaLR."""
-    optimizer = torch.optim.AdamW(
-        [p for p in params if p.requires_grad], lr=optim.lr, betas=optim.betas, eps=optim.eps,
-        weight_decay=optim.weight_decay,
-    )
+def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], optim: OptimSection) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``params`` (parameters, or param-group dicts as TrainTask.param_groups may return) and a linear-warmup LambdaLR."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        groups = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     warmup = max(optim.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
