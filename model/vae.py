@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from pydantic import Field
 
 from model.config import StrictConfig
@@ -153,9 +154,32 @@ class VideoVAE:
         x = frames_to_model_input(frames)
         self._check_pixels(x)
         x = x.to(self.device, self.dtype)
-        posterior = self.vae.encode(x).latent_dist
+        posterior = DiagonalGaussianDistribution(self._encode_moments(x))
         z = posterior.sample(generator=generator) if self.config.sample_posterior else posterior.mode()
         return self.normalize(z.float())
+
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder moments (B, 2C, t, h, w) for pixels (B, 3, T, H, W), causal chunk by chunk.
+
+        Deliberately not `AutoencoderKLWan._encode`: it hard-codes chunks of 4 frames after the first,
+        which silently drops trailing frames when the temporal factor is not 4 (T=8 with factor 1
+        gives 5 latent frames). Same loop and feature cache, with chunks of `temporal_factor` frames,
+        so for the real Wan VAE (factor 4) the result is identical.
+        """
+        vae = self.vae
+        if vae.config.patch_size is not None or (vae.use_tiling and max(x.shape[-2:]) > vae.tile_sample_min_height):
+            return vae._encode(x)
+        factor = self.temporal_factor
+        bounds = [(0, 1)] + [(1 + factor * i, 1 + factor * (i + 1)) for i in range((x.shape[2] - 1) // factor)]
+        vae.clear_cache()
+        try:
+            chunks = []
+            for start, stop in bounds:
+                vae._enc_conv_idx = [0]
+                chunks.append(vae.encoder(x[:, :, start:stop], feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+            return vae.quant_conv(torch.cat(chunks, dim=2))
+        finally:
+            vae.clear_cache()
 
     def _check_latents(self, latents: torch.Tensor) -> None:
         if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
@@ -216,7 +240,10 @@ def _resolve_local_dir(path: str, storage: Any) -> Path:
             from model.storage import Storage, StorageConfig  # lazy: storage pulls in boto3
 
             storage = Storage(StorageConfig())
-        return Path(storage.local_copy(path))
+        import tempfile
+
+        target = Path(tempfile.mkdtemp(prefix="vae-"))  # kept for the process: weights are read lazily
+        return storage.download_dir(path, target)
     local = Path(path)
     if not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} is not a diffusers AutoencoderKLWan folder (no config.json)")

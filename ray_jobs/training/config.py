@@ -14,6 +14,27 @@ from ray_jobs.common import RayConfig, WorkerScaling
 __all__ = ["DeepSpeedSection", "OptimSection", "CheckpointSection", "RunSection", "TrainJobConfig"]
 
 
+_PATH_FIELDS = ("data", "path", "pretrained_path", "vae_path", "storage_path", "output")
+
+
+def _absolute(value: str) -> str:
+    import os
+
+    return value if "://" in value or os.path.isabs(value) else os.path.abspath(value)
+
+
+def _absolutize(section: StrictConfig) -> None:
+    """Make every local path-valued field (and dict of paths, e.g. adapters) absolute, recursively."""
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, StrictConfig):
+            _absolutize(value)
+        elif isinstance(value, str) and value and (name in _PATH_FIELDS or name.endswith("_path")):
+            object.__setattr__(section, name, _absolute(value))
+        elif isinstance(value, dict) and name.endswith(("adapters", "_paths")):
+            object.__setattr__(section, name, {k: _absolute(v) if isinstance(v, str) else v for k, v in value.items()})
+
+
 class DeepSpeedSection(StrictConfig):
     """DeepSpeed settings; the JSON config is generated from these (see `deepspeed_config`)."""
 
@@ -73,6 +94,12 @@ class TrainJobConfig(StrictConfig):
     scaling: WorkerScaling = Field(default_factory=WorkerScaling)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _absolute_local_paths(self) -> "TrainJobConfig":
+        """Local paths become absolute here, on the driver: Ray Train workers may run elsewhere (cwd)."""
+        _absolutize(self)
+        return self
 
     @model_validator(mode="after")
     def _check_failure_step(self) -> "TrainJobConfig":
