@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from model.config import StrictConfig, apply_overrides, load_config
+from model.config import StrictConfig, load_config
 from model.storage import Storage, StorageConfig
 from ray_jobs.common import RayConfig, init_ray, parse_job_config, setup_logging
 
@@ -35,7 +35,7 @@ STAGES = ("synthetic", "preprocess", "teacher", "preferences", "tpo", "distill",
 _JOB_OF_STAGE = {"synthetic": ("synthetic", "ray_jobs.synthetic.world:SyntheticConfig"),
                  "preprocess": ("preprocess", "ray_jobs.preprocess.config:PreprocessConfig"),
                  "teacher": ("train_teacher", "ray_jobs.train_teacher:TeacherConfig"),
-                 "preferences": ("make_preferences", "ray_jobs.make_preferences:PreferencesConfig"),
+                 "preferences": ("make_preferences", "ray_jobs.preferences:PreferencesConfig"),
                  "tpo": ("train_tpo", "ray_jobs.train_tpo:TPOConfig"),
                  "distill": ("distill_lcm", "ray_jobs.distill_lcm:DistillConfig")}
 
@@ -62,6 +62,7 @@ class PipelineConfig(StrictConfig):
     tpo: dict[str, Any] = Field(default_factory=dict)
     distill: dict[str, Any] = Field(default_factory=dict)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    distill_with_tpo: bool = Field(True, description="the distillation teacher includes the TPO adapters")
     serve_request: bool = Field(True, description="start the Serve app on the student and send one request")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -97,11 +98,15 @@ def wiring(cfg: PipelineConfig, storage: Storage) -> dict[str, dict[str, Any]]:
         "synthetic": {"out": work("synthetic"), **shared},
         "preprocess": {"input": work("synthetic", "videos"), "output": work("shards"), **shared},
         "teacher": {"data": work("shards"), "run.storage_path": runs, "run.name": "teacher", **shared},
-        "preferences": {"teacher_path": teacher_export, "data": work("shards"), "output": work("preferences"), **shared},
+        "preferences": {"data": work("shards"), "output": work("preferences"),
+                        "model.pretrained_path": teacher_export, **shared},
         "tpo": {"data": work("preferences"), "model.pretrained_path": teacher_export, "run.storage_path": runs,
                 "run.name": "tpo", **shared},
-        "distill": {"data": work("shards"), "teacher_path": teacher_export, "tpo_adapters": work("runs", "tpo", "export"),
-                    "run.storage_path": runs, "run.name": "student", **shared},
+        "distill": {"data": work("shards"), "teacher.path": teacher_export, "run.storage_path": runs,
+                    "run.name": "student", **shared,
+                    **({"teacher.tpo_adapters": {"motion": work("runs", "tpo", "export", "motion"),
+                                                 "fidelity": work("runs", "tpo", "export", "fidelity")}}
+                       if "tpo" in cfg.stages and cfg.distill_with_tpo else {})},
     }
 
 
@@ -117,6 +122,13 @@ def build_stage_configs(cfg: PipelineConfig, storage: Storage) -> dict[str, Stri
         overrides = {k: v for k, v in overrides.items() if k}
         configs[stage] = load_config(_import(target), CONFIG_DIR / f"{job}.yaml", overrides)
     return configs
+
+
+def _summary(result: Any) -> Any:
+    """What a stage marker keeps of a stage's result: small JSON-able fields only."""
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or k.endswith("by_dimension")}
+    return result
 
 
 def _marker(cfg: PipelineConfig, storage: Storage, stage: str) -> str:
@@ -150,7 +162,7 @@ def _stage_functions(cfg: PipelineConfig, configs: dict[str, StrictConfig], stor
         "synthetic": lambda: _import("ray_jobs.synthetic.world:run")(configs["synthetic"]),
         "preprocess": lambda: _import("ray_jobs.preprocess.job:run")(configs["preprocess"]),
         "teacher": lambda: training_result("ray_jobs.train_teacher", configs["teacher"]),
-        "preferences": lambda: _import("ray_jobs.make_preferences:run")(configs["preferences"]),
+        "preferences": lambda: _summary(_import("ray_jobs.preferences:run")(configs["preferences"])),
         "tpo": lambda: training_result("ray_jobs.train_tpo", configs["tpo"]),
         "distill": lambda: training_result("ray_jobs.distill_lcm", configs["distill"]),
         "evaluate": lambda: _import("ray_jobs.pipeline_eval:evaluate_pipeline")(cfg, configs, storage),

@@ -29,9 +29,13 @@ def read_shards(data_uri: str, storage: Storage, split: str | None = "train", co
     fs, _ = storage.arrow_path(data_uri)
     paths = [storage.arrow_path(storage.join(data_uri, rel))[1] for rel in shards]
     wanted = None if columns is None else sorted(set(columns) | ({"split"} if split else set()))
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=wanted)
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(paths, filesystem=fs)
+    if wanted is not None:
+        ds = ds.select_columns(wanted)
     if split is not None:
-        ds = ds.filter(expr=f"split == '{split}'")
+        ds = ds.filter(expr=col("split") == split)
         if wanted is not None and "split" not in columns:
             ds = ds.drop_columns(["split"])
     return ds
