@@ -18,9 +18,8 @@ worker, lerped from the live student after each optimizer step (lazily, at the s
 micro-step, detected by `engine.global_steps`). That needs the full student parameters on each rank,
 true for ZeRO 0-2 (they partition optimizer state / gradients only). With ZeRO-3 every step would
 have to gather all parameters (`deepspeed.zero.GatheredParameters`), which defeats ZeRO-3's purpose,
-so the config rejects zero_stage 3 loudly. The target is not part of the checkpoint (the shared loop
-saves the engine and its export EMA only): on resume it is re-seeded from the resumed student,
-which an EMA of decay 0.95 forgets in ~14 steps (half-life).
+so the config rejects zero_stage 3 loudly. The target is part of each rank's checkpoint (the task's
+`state_dict`, saved by the shared loop as task_rank{r}.pt), so a resume continues the same EMA.
 
 Export: full student -> a diffusers folder (loadable by `build_denoiser`); LoRA student -> the peft
 adapter (`adapter/`) plus the aux-free base path; both with `student.json` (segment edges, format),
@@ -314,6 +313,14 @@ class DistillTask:
         teacher.requires_grad_(False).eval()
         self.teacher = teacher
         return routed_teacher(teacher, self.cfg.teacher.plan()) if self.cfg.teacher.tpo_adapters else teacher
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA target network and the step it was synced at: restored on resume by the shared loop."""
+        return {"target": self.target.state_dict(), "synced_step": self._synced_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self._synced_step = int(state["synced_step"])
 
     def sync_target(self, engine: Any) -> None:
         """EMA-update the target once per optimizer step DeepSpeed took since the last sync."""

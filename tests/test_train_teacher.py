@@ -42,11 +42,13 @@ def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_buck
     """2 workers, ZeRO-2, checkpoints on the moto S3 server; re-run resumes; a failure restarts cleanly."""
     storage = Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))
     run_uri = f"{s3_bucket}/runs/teacher-s3"
-    first = run(_config(tiny_data, steps=2, **{"run.storage_path": f"{s3_bucket}/runs", "run.name": "teacher-s3"}))
+    first = run(_config(tiny_data, steps=2, **{"run.storage_path": f"{s3_bucket}/runs", "run.name": "teacher-s3",
+                                               "run.tensorboard": True}))
     assert first.metrics["step"] == 2
     assert _metric_steps(storage, run_uri) == [1, 2]
     assert storage.dir_complete(f"{run_uri}/export")
     assert storage.list(f"{run_uri}/validation", suffixes=".mp4")
+    assert storage.dir_complete(f"{run_uri}/tensorboard")
 
     # Same run name, more steps, and rank 1 dies once at step 3 (after the step-2 checkpoint):
     # the run resumes at 2, restarts from the step-2 checkpoint after the failure, and ends at 6

@@ -77,6 +77,8 @@ class RunSection(StrictConfig):
     fail_at_step: int | None = Field(
         None, ge=1, description="testing aid: worker rank 1 (or 0 if alone) raises once at this step"
     )
+    report_every_n_steps: int = Field(10, ge=1, description="metrics to Ray Train (a barrier) and metrics.jsonl "
+                                      "to storage every N steps; every step is still logged")
     tensorboard: bool = False
 
 

@@ -58,6 +58,9 @@ class TrainTask(Protocol):
 
     def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]: ...
 
+    # Optional: `state_dict()` / `load_state_dict(state)` for task state that must survive a resume
+    # (saved per rank as task_rank{r}.pt in the checkpoint), e.g. distillation's EMA target network.
+
 
 def run_dir(cfg: TrainJobConfig) -> str:
     return Storage(cfg.storage).join(cfg.run.storage_path, cfg.run.name)
@@ -77,7 +80,7 @@ def _batches(batch_size: int, columns: list[str] | None) -> Iterator[dict[str, t
             raise RuntimeError(f"worker's dataset shard has fewer than batch_size={batch_size} rows")
 
 
-def _resume(engine: Any, ema: EMA | None, rank: int) -> tuple[int, list[str]]:
+def _resume(engine: Any, ema: EMA | None, rank: int, task: Any = None) -> tuple[int, list[str]]:
     """Load the latest Ray Train checkpoint into the engine and EMA; return (step, metrics lines)."""
     import ray.train
 
@@ -88,6 +91,9 @@ def _resume(engine: Any, ema: EMA | None, rank: int) -> tuple[int, list[str]]:
         engine.load_checkpoint(folder, tag="ds", load_module_strict=True)
         if ema is not None:
             ema.load(folder, rank)
+        task_state = Path(folder) / f"task_rank{rank}.pt"
+        if task_state.exists() and hasattr(task, "load_state_dict"):
+            task.load_state_dict(torch.load(task_state, map_location="cpu", weights_only=True))
         state = json.loads((Path(folder) / "train_state.json").read_text())
         lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
     log.info("rank %d resumed at step %d", rank, state["step"])
@@ -115,6 +121,8 @@ def _save_checkpoint(ctx: dict, step: int, metrics: dict, lines: list[str]) -> N
         engine.save_checkpoint(folder, tag="ds")
         if ema is not None:
             ema.save(folder, rank)
+        if hasattr(task, "state_dict"):  # optional task state, e.g. distillation's target network
+            torch.save(task.state_dict(), Path(folder) / f"task_rank{rank}.pt")
         if rank == 0:
             Path(folder, "train_state.json").write_text(json.dumps({"step": step, "job": type(task).__name__}))
             Path(folder, "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
@@ -163,10 +171,11 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
 
     ctx = _setup(cfg, task)
     engine, ema, rank, world, storage = (ctx[k] for k in ("engine", "ema", "rank", "world", "storage"))
-    start_step, lines = _resume(engine, ema, rank)
+    start_step, lines = _resume(engine, ema, rank, ctx["task"])
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step)
     batches = _batches(cfg.batch_size, columns)
     metrics_uri = storage.join(run_dir(cfg), "metrics.jsonl")
+    board = _TensorBoard(cfg, storage) if cfg.run.tensorboard and rank == 0 else None
     for step in range(start_step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         step_metrics = _optimizer_step(engine, task, batches, generator, cfg.deepspeed.gradient_accumulation_steps)
@@ -178,12 +187,17 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
                    "samples_per_s": samples / seconds, "step_time_s": seconds, **step_metrics}
         lines.append(json.dumps(metrics))
-        if rank == 0:
+        if board is not None:
+            board.log(metrics, publish=step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps)
+        checkpointing = step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps
+        # ray.train.report is a barrier through the controller (~1-2 s on a small machine), so the
+        # per-step metrics are kept in metrics.jsonl and reported to Ray Train every N steps only.
+        if rank == 0 and (checkpointing or step % cfg.run.report_every_n_steps == 0):
             storage.write_text(metrics_uri, "".join(ln + "\n" for ln in lines))
-        if step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps:
+        if checkpointing:
             _maybe_validate(ctx, step, metrics)
             _save_checkpoint(ctx, step, metrics, lines)
-        else:
+        elif step % cfg.run.report_every_n_steps == 0:
             ray.train.report(metrics)
 
 
@@ -222,6 +236,25 @@ def _maybe_validate(ctx: dict, step: int, metrics: dict) -> None:
         if any(Path(folder).iterdir()):
             storage.upload_dir(folder, storage.join(run_dir(cfg), "validation", f"step_{step:06d}"))
     metrics.update({f"val_{k}": v for k, v in values.items()})
+
+
+class _TensorBoard:
+    """Optional TensorBoard scalars (tensorboardX, rank 0), published to {run}/tensorboard at checkpoints."""
+
+    def __init__(self, cfg: TrainJobConfig, storage: Storage):
+        from tensorboardX import SummaryWriter
+
+        self.local = tempfile.mkdtemp(prefix="tb-")
+        self.writer = SummaryWriter(self.local)
+        self.storage, self.uri = storage, storage.join(run_dir(cfg), "tensorboard")
+
+    def log(self, metrics: dict, publish: bool) -> None:
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, metrics["step"])
+        if publish:
+            self.writer.flush()
+            self.storage.upload_dir(self.local, self.uri)
 
 
 class _null_context:
