@@ -185,7 +185,8 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         seconds = time.perf_counter() - t0
         samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world
         metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
-                   "samples_per_s": samples / seconds, "step_time_s": seconds, **step_metrics}
+                   "samples_per_s": samples / seconds, "step_time_s": seconds, "time": time.time(),
+                   "peak_rss_mb": _peak_rss_mb(), **step_metrics}
         lines.append(json.dumps(metrics))
         if board is not None:
             board.log(metrics, publish=step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps)
@@ -211,6 +212,13 @@ def _optimizer_step(engine: Any, task: TrainTask, batches: Iterator, generator: 
         for key, value in {"loss": float(loss.detach()), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / accum
     return totals
+
+
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _grad_norm(engine: Any) -> float:
