@@ -13,7 +13,7 @@ REDUCED = {
     "teacher": {"steps": 3, "batch_size": 1, "checkpoint.every_n_steps": 3, "validation.steps": 1},
     "preferences": {"max_clips": 2, "sampling.num_candidates": 2, "sampling.steps": 1},
     "tpo": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
-    "distill": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2, "validation.steps": 1},
+    "distill": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
     "evaluation": {"num_clips": 1, "teacher_steps": 2, "student_steps": [2, 1]},
 }
 
