@@ -42,13 +42,9 @@ class Variant:
 
 def heldout_clips(data_uri: str, storage: Storage, limit: int) -> list[dict[str, Any]]:
     """Up to ``limit`` held-out clips (train clips if the data has no held-out split), as numpy dicts."""
-    from ray_jobs.training.driver import read_shards
+    from ray_jobs.training.driver import take_clips
 
-    for split in ("heldout", "train"):
-        rows = read_shards(data_uri, storage, split=split).take(limit)
-        if rows:
-            return [dict(r) for r in rows]
-    raise ValueError(f"no clips in {data_uri}")
+    return take_clips(data_uri, storage, "heldout", limit)
 
 
 def ground_truth(clip: dict[str, Any], storage: Storage) -> np.ndarray:

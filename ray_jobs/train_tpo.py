@@ -144,6 +144,8 @@ class TPOTask:
                 loss, adapter_metrics = self.adapter_loss(engine, batch, rows, adapter, generator)
                 total = total + loss * rows.sum() / rows.numel()
                 metrics.update(adapter_metrics)
+            else:
+                total = total + _zero_touch(getattr(engine, "module", engine), adapter)
         return total, metrics
 
     def adapter_loss(self, model: Any, batch: dict[str, torch.Tensor], rows: torch.Tensor, adapter: str,
@@ -176,6 +178,19 @@ class TPOTask:
 
     def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         return {}  # the benchmark (benchmarks/tpo.py) evaluates the routed sampler end to end
+
+
+def _zero_touch(model: torch.nn.Module, adapter: str) -> torch.Tensor:
+    """0 x the sum of ``adapter``'s trainable weights: a zero gradient for every one of them.
+
+    A rank whose batch holds no pairs of one dimension must still produce gradients for that
+    adapter: DeepSpeed reduces gradients per parameter bucket across ranks, and a rank that skips
+    some parameters posts different collectives than its peers (gloo aborts, NCCL hangs).
+    """
+    weights = [p for name, p in model.named_parameters() if p.requires_grad and f".{adapter}." in name]
+    if not weights:
+        raise RuntimeError(f"adapter {adapter!r} has no trainable weights")
+    return torch.stack([p.sum() for p in weights]).sum() * 0.0
 
 
 def export_adapters(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path, fused: bool) -> None:

@@ -80,23 +80,51 @@ def storage(s3_server):
     return Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))
 
 
-@pytest.fixture(scope="session")
-def ray_session(s3_server):
-    """One local Ray for the whole session (2 CPUs), started after the S3 environment is set.
+_RAY_KIND: dict[str, str | None] = {"kind": None}  # which `start_ray` configuration runs now
 
-    Tests that need Ray share it instead of starting their own: a Ray start costs seconds on 2 cores.
+
+def start_ray(kind: str, **init_kwargs):
+    """Ray on this process with ``init_kwargs``, tagged ``kind``; reused when the same kind runs.
+
+    Modules differ in what they need (2 CPUs for the training jobs, more and an API-key variable
+    for Serve), and Ray allows one `ray.init` per process: a different kind shuts the running one
+    down first. Call it after requesting `s3_server` so workers inherit the S3 environment.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}})
-    yield ray
-    ray.shutdown()
+    if ray.is_initialized() and _RAY_KIND["kind"] == kind:
+        return ray
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(include_dashboard=False, log_to_driver=False, **init_kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _RAY_KIND["kind"] = kind
+    return ray
+
+
+def default_ray():
+    """The 2-CPU local Ray most tests share (a Ray start costs seconds on 2 cores)."""
+    return start_ray("default", num_cpus=2,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture
+def ray_session(s3_server):
+    """The shared 2-CPU local Ray (started, or restarted after a module that needed another)."""
+    return default_ray()
 
 
 @pytest.fixture(scope="session")
-def tiny_data(ray_session, tmp_path_factory):
+def tiny_data(s3_server, tmp_path_factory):
     """Synthetic puppet videos preprocessed into shards with the tiny VAE: the training jobs' input.
 
     Returns the shards folder. 6 videos x 2 s at 16 fps = 4 clips of 8 frames each (24 clips),
@@ -107,6 +135,7 @@ def tiny_data(ray_session, tmp_path_factory):
     from ray_jobs.preprocess.job import run as preprocess
     from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
 
+    default_ray()
     root = tmp_path_factory.mktemp("tiny_data")
     synthesize(SyntheticConfig(out=str(root / "synthetic"), num_videos=6, seed=3, duration=2.0,
                                num_identities=5, heldout_identities=1, executor="local"))

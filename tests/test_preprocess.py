@@ -47,15 +47,12 @@ SCHEMA = {  # column -> (dtype, per-row shape) of docs/design.md at the tiny geo
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_local(s3_server):
-    """A 2-CPU local Ray, started after the S3 fixture so workers inherit its AWS environment."""
-    import ray
+    """The shared 2-CPU local Ray, started after the S3 fixture so workers inherit its environment."""
+    from conftest import default_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    return default_ray()
 
 
 def _ffmpeg(*args: str) -> None:

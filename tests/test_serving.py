@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from conftest import start_ray
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-0123456789"
@@ -94,7 +95,7 @@ def serve_urls(s3_server, tiny_vae, tmp_path_factory):
     local_out = tmp_path_factory.mktemp("serve_out")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SERVE_TEST_API_KEY", KEY)
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        start_ray("serve", num_cpus=6)  # restarts Ray so workers see SERVE_TEST_API_KEY
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         s3_args = _args(tiny_vae, f"s3://{bucket}/serve", api_key_env="SERVE_TEST_API_KEY",

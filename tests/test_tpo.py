@@ -178,7 +178,10 @@ def test_each_adapter_trains_only_on_its_segment(tpo_model, tmp_path):
             for adapter in ADAPTERS:
                 trained = adapter in dims
                 grads = [p.grad for p in adapter_params(model, adapter)]
-                assert all(g is not None and g.abs().sum() > 0 for g in grads) if trained else all(g is None for g in grads)
+                # an adapter without pairs in the batch still gets (zero) gradients: DeepSpeed reduces
+                # every trainable parameter on every rank, so all ranks must produce the same set
+                assert all(g is not None for g in grads)
+                assert all(g.abs().sum() > 0 for g in grads) if trained else all(g.abs().sum() == 0 for g in grads)
                 assert (f"sigma_min_{adapter}" in metrics) == trained
             base = [p for n, p in model.named_parameters() if "lora_" not in n]
             assert all(p.grad is None for p in base)
@@ -217,9 +220,11 @@ def _clip_row(i: int, rng: np.random.Generator) -> dict:
 
 
 @pytest.fixture(scope="module")
-def small_shards(ray_session, tmp_path_factory):
+def small_shards(s3_server, tmp_path_factory):
     import ray.data
+    from conftest import default_ray
 
+    default_ray()
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     ray.data.from_items([_clip_row(i, rng) for i in range(8)]).repartition(2).write_parquet(str(root / "data"))

@@ -80,6 +80,8 @@ class RunSection(StrictConfig):
     report_every_n_steps: int = Field(10, ge=1, description="metrics to Ray Train (a barrier) and metrics.jsonl "
                                       "to storage every N steps; every step is still logged")
     tensorboard: bool = False
+    cache_epochs_mb: float = Field(256, ge=0, description="a worker whose dataset rows fit in this many MB "
+                                   "replays epochs 2+ from memory, reshuffled (0 = stream every epoch)")
 
 
 class TrainJobConfig(StrictConfig):

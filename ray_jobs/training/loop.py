@@ -5,7 +5,8 @@ loss, export weights); this module owns everything around it, identically for ev
 
 1. DeepSpeed engine from our typed config (ZeRO 1-3, bf16 on GPU / fp32 on CPU, accumulation);
 2. resume from `ray.train.get_checkpoint()` (DeepSpeed state, EMA shards, step, metrics so far);
-3. batches from `ray.train.get_dataset_shard("train").iter_torch_batches(...)`, epoch after epoch;
+3. batches from `ray.train.get_dataset_shard("train").iter_torch_batches(...)`, epoch after epoch
+   (replayed from memory after the first epoch when the worker's rows are small);
 4. per-step metrics (loss, lr, grad norm, samples/s, task metrics) through `ray.train.report` and
    into `{run}/metrics.jsonl` (rank 0);
 5. every `checkpoint.every_n_steps`: each rank's DeepSpeed/EMA files into one Ray Train checkpoint,
@@ -16,6 +17,7 @@ loss, export weights); this module owns everything around it, identically for ev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -66,18 +68,68 @@ def run_dir(cfg: TrainJobConfig) -> str:
     return Storage(cfg.storage).join(cfg.run.storage_path, cfg.run.name)
 
 
-def _batches(batch_size: int, columns: list[str] | None) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless stream of worker-local batches, epoch after epoch."""
+def _batches(batch_size: int, columns: list[str] | None, cache_mb: float,
+             generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless stream of worker-local batches, epoch after epoch.
+
+    The first epoch streams from `ray.train.get_dataset_shard("train")`. If this worker's rows fit
+    in `cache_mb`, later epochs replay them from memory, reshuffled per epoch: every new epoch of a
+    streaming split costs seconds of Ray Data start-up (measured ~6 s on 2 cores), which dominated
+    small runs whose epochs are a few steps. Larger shards stream every epoch.
+    """
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
+    cached: list[dict[str, torch.Tensor]] | None = []
+    cached_bytes = 0
+    full_batches = 0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        batch = {k: v for k, v in batch.items() if columns is None or k in columns}
+        if cached is not None:
+            cached_bytes += sum(v.numel() * v.element_size() for v in batch.values())
+            cached = cached if cached_bytes <= cache_mb * 2**20 else None
+        if cached is not None:
+            cached.append({k: v.clone() for k, v in batch.items()})  # safe from in-place use downstream
+        if len(next(iter(batch.values()))) == batch_size:
+            full_batches += 1
+            yield batch
+    if full_batches == 0:
+        raise RuntimeError(f"worker's dataset shard has fewer than batch_size={batch_size} rows")
+    if cached is not None:
+        yield from _replay(cached, batch_size, generator)
     while True:
-        empty = True
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
-            empty = False
             yield {k: v for k, v in batch.items() if columns is None or k in columns}
-        if empty:
-            raise RuntimeError(f"worker's dataset shard has fewer than batch_size={batch_size} rows")
+
+
+def _replay(cached: list[dict[str, torch.Tensor]], batch_size: int,
+            generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless epochs over in-memory rows, a fresh permutation per epoch, full batches only."""
+    rows = {k: torch.cat([b[k] for b in cached]) for k in cached[0]}
+    num_rows = len(next(iter(rows.values())))
+    while True:
+        order = torch.randperm(num_rows, generator=generator)
+        for start in range(0, num_rows - batch_size + 1, batch_size):
+            index = order[start:start + batch_size]
+            yield {k: v[index] for k, v in rows.items()}
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(checkpoint: Any, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder private to this rank.
+
+    Deliberately not `Checkpoint.as_directory()`: for remote (S3) checkpoints it shares one download
+    folder per node, and a rank that arrives after another finished downloading re-downloads into
+    that folder while the other is still reading it (seen as a "corrupted" torch.load on resume).
+    Local checkpoints are read in place; remote ones go to a per-rank temporary folder.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
+        yield checkpoint.to_directory(folder)
 
 
 def _resume(engine: Any, ema: EMA | None, rank: int, task: Any = None) -> tuple[int, list[str]]:
@@ -87,7 +139,7 @@ def _resume(engine: Any, ema: EMA | None, rank: int, task: Any = None) -> tuple[
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
-    with checkpoint.as_directory() as folder:
+    with _checkpoint_folder(checkpoint, rank) as folder:
         engine.load_checkpoint(folder, tag="ds", load_module_strict=True)
         if ema is not None:
             ema.load(folder, rank)
@@ -173,7 +225,8 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
     engine, ema, rank, world, storage = (ctx[k] for k in ("engine", "ema", "rank", "world", "storage"))
     start_step, lines = _resume(engine, ema, rank, ctx["task"])
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step)
-    batches = _batches(cfg.batch_size, columns)
+    batches = _batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb,
+                       torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step + 1))
     metrics_uri = storage.join(run_dir(cfg), "metrics.jsonl")
     board = _TensorBoard(cfg, storage) if cfg.run.tensorboard and rank == 0 else None
     for step in range(start_step + 1, cfg.steps + 1):
