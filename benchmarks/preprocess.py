@@ -4,10 +4,14 @@ Goals (issue 4), measured in one run on the same synthetic files:
 - pipeline clips/s >= 0.8x the clips/s of ffmpeg decode alone (same Ray Data stream shape, 2 CPUs);
 - pipeline clips/s on 2 CPUs >= 1.7x on 1 CPU.
 Each configuration gets one untimed warm-up (worker start-up, imports) and then `--repeats` timed
-runs; the best is reported with all raw times. The machine's load average is recorded too: on a
-shared machine the figures are only as good as the idle cores.
+runs; the best is reported with all raw times. The N-CPU runs pin the whole local Ray (raylet and
+workers inherit the driver's CPU affinity) to N cores: `num_cpus` alone only limits Ray's task
+slots, while ffmpeg's own threads would still spread over every core. The default workload (16
+videos x 8 s = 256 clips) is sized so steady-state throughput, not Ray start-up, is measured.
+The machine's load average is recorded too: on a shared machine the figures are only as good as
+the idle cores.
 
-    python benchmarks/preprocess.py [--videos 8 --duration 4 --repeats 2]
+    python benchmarks/preprocess.py [--videos 16 --duration 8 --repeats 2]
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int) -> dict:
 
     files = sorted(str(p) for p in videos.glob("*.mp4"))
     cfg = PreprocessConfig(input=str(videos), output=str(work / "warm"), vae={"enabled": False})
+    all_cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(all_cores)[:num_cpus])  # inherited by the raylet and its workers
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -75,6 +81,7 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int) -> dict:
         pipeline = [_time_pipeline(cfg, work / f"out{num_cpus}") for _ in range(repeats)]
     finally:
         ray.shutdown()
+        os.sched_setaffinity(0, all_cores)
     clips = pipeline[0][1]
     assert all(c == clips for _, c in decode + pipeline), "decode and pipeline must see the same clips"
     return {"num_cpus": num_cpus, "clips": clips, "decode_s": [t for t, _ in decode],
@@ -116,8 +123,8 @@ def _goal(name: str, value: float, target: float, unit: str = "x") -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds per synthetic video")
+    parser.add_argument("--videos", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per synthetic video")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -38,31 +38,54 @@ def _prepare(work: Path, args) -> dict:
     from ray_jobs.train_tpo import TPOConfig, run as train_tpo
 
     seconds = {}
-    t0 = time.perf_counter()
-    synthesize(SyntheticConfig(out=str(work / "synthetic"), num_videos=args.videos, seed=5, duration=2.0,
-                               num_identities=6, heldout_identities=2, executor="local"))
     vae = {"vae.path": args.vae_path} if args.vae_path else {}
-    preprocess(load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
-                           {"input": str(work / "synthetic" / "videos"), "output": str(work / "shards"), **vae}))
-    seconds["data"] = time.perf_counter() - t0
     common = {"data": str(work / "shards"), "run.storage_path": str(work / "runs"), "model.vae_path": args.vae_path}
-    t0 = time.perf_counter()
-    train_teacher(load_config(TeacherConfig, "ray_jobs/configs/tiny/train_teacher.yaml",
-                              {**common, "steps": args.teacher_steps, "checkpoint.every_n_steps": args.teacher_steps}))
-    seconds["teacher_training"] = time.perf_counter() - t0
     teacher = str(work / "runs" / "teacher" / "export")
-    t0 = time.perf_counter()
-    make_pairs(load_config(PreferencesConfig, "ray_jobs/configs/tiny/make_preferences.yaml",
-                           {"data": str(work / "shards"), "output": str(work / "pairs"),
-                            "model.pretrained_path": teacher, "model.vae_path": args.vae_path,
-                            "sampling.steps": args.pair_steps, "sampling.num_candidates": args.candidates}))
-    seconds["pairs"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    train_tpo(load_config(TPOConfig, "ray_jobs/configs/tiny/train_tpo.yaml",
-                          {**common, "data": str(work / "pairs"), "model.pretrained_path": teacher,
-                           "steps": args.tpo_steps, "checkpoint.every_n_steps": args.tpo_steps}))
-    seconds["tpo_training"] = time.perf_counter() - t0
+    _stage(seconds, "data", work / "shards" / "manifest.json", lambda: (
+        synthesize(SyntheticConfig(out=str(work / "synthetic"), num_videos=args.videos, seed=5, duration=2.0,
+                                   num_identities=6, heldout_identities=2, executor="local")),
+        preprocess(load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                               {"input": str(work / "synthetic" / "videos"), "output": str(work / "shards"), **vae}))))
+    _stage(seconds, "teacher_training", Path(teacher) / "config.json", lambda: train_teacher(
+        load_config(TeacherConfig, "ray_jobs/configs/tiny/train_teacher.yaml",
+                    {**common, "steps": args.teacher_steps, "checkpoint.every_n_steps": min(250, args.teacher_steps),
+                     "checkpoint.validate_every_n_steps": min(250, args.teacher_steps)})))
+    _stage(seconds, "pairs", work / "pairs" / "manifest.json", lambda: make_pairs(
+        load_config(PreferencesConfig, "ray_jobs/configs/tiny/make_preferences.yaml",
+                    {"data": str(work / "shards"), "output": str(work / "pairs"),
+                     "model.pretrained_path": teacher, "model.vae_path": args.vae_path,
+                     "sampling.steps": args.pair_steps, "sampling.num_candidates": args.candidates})))
+    _stage(seconds, "tpo_training", work / "runs" / "tpo" / "export" / "motion", lambda: train_tpo(
+        load_config(TPOConfig, "ray_jobs/configs/tiny/train_tpo.yaml",
+                    {**common, "data": str(work / "pairs"), "model.pretrained_path": teacher,
+                     "steps": args.tpo_steps, "checkpoint.every_n_steps": min(50, args.tpo_steps)})))
     return {"teacher": teacher, "tpo": str(work / "runs" / "tpo" / "export"), "seconds": seconds}
+
+
+def _stage(seconds: dict, name: str, done: Path, fn) -> None:
+    """Run one preparation stage unless its output exists (a cut-off run resumes; training resumes by run name)."""
+    if done.exists():
+        print(f"[bench tpo] {name}: output exists, skipped", flush=True)
+        return
+    t0 = time.perf_counter()
+    fn()
+    seconds[name] = time.perf_counter() - t0
+    print(f"[bench tpo] {name}: {seconds[name]:.1f} s", flush=True)
+
+
+def _teacher_curve(work: Path) -> list[dict]:
+    """Validation metrics at each teacher checkpoint (one held-out clip), with copy-the-reference on the same clip."""
+    run = work / "runs" / "teacher"
+    times = {}
+    if (run / "metrics.jsonl").exists():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        times = {r["step"]: r["time"] - rows[0]["time"] + rows[0]["step_time_s"] for r in rows}
+    curve = []
+    for folder in sorted((run / "validation").glob("step_*")):
+        step = int(folder.name.split("_")[1])
+        values = json.loads((folder / "metrics.json").read_text())
+        curve.append({"step": step, "train_seconds": times.get(step), **values})
+    return curve
 
 
 def _variants(boundary: float) -> dict:
@@ -97,12 +120,12 @@ def _evaluate(paths: dict, args) -> dict:
     from model.vae import load_vae
     from ray_jobs.preferences.rewards import gt_fidelity, gt_motion
     from ray_jobs.train_tpo import load_tpo_adapters
-    from ray_jobs.training.driver import read_shards
+    from ray_jobs.training.driver import take_clips
 
     model = build_denoiser(ModelConfig(pretrained_path=paths["teacher"])).eval()
     load_tpo_adapters(model, paths["tpo"])
     vae = load_vae(args.vae_path)
-    clips = read_shards(str(Path(args.work) / "shards"), Storage(), split="heldout").take(args.eval_clips)
+    clips = take_clips(str(Path(args.work) / "shards"), Storage(), split="heldout", limit=args.eval_clips)
     figures = {}
     for name, kwargs in _variants(args.boundary).items():
         rows = []
@@ -166,7 +189,8 @@ def main() -> None:
     premise = {k: {m: figures[k][m] for m in ("motion_reward", "fidelity_reward")} for k in figures if k.startswith("premise")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tpo.json").write_text(json.dumps({"goals": goals, "variants": figures, "premise_table": premise,
-                                                  "seconds": paths["seconds"], "args": vars(args)}, indent=2))
+                                                  "seconds": paths["seconds"],
+                                                  "teacher_curve": _teacher_curve(work), "args": vars(args)}, indent=2))
     _plot(figures, RESULTS / "tpo.png")
     print(json.dumps(goals, indent=2))
 

@@ -131,10 +131,14 @@ def export_denoiser(model: torch.nn.Module, weights: dict[str, torch.Tensor], ou
 def validation_sample(model: torch.nn.Module, vae_path: str | None, clip: dict[str, np.ndarray], out_dir: Path,
                       sampler: str, steps: int | None, guidance: float | None, drop: set[str], shift: float,
                       **sampler_kwargs: Any) -> dict[str, float]:
-    """Generate the clip from its conditions; write sample.mp4 and ground_truth.mp4; PSNR/SSIM vs truth."""
+    """Generate the clip from its conditions; write sample.mp4 and ground_truth.mp4; metrics vs truth.
+
+    PSNR, SSIM and motion error of the sample, and the same for the copy-the-reference baseline
+    (every frame = the reference frame) on the same clip, so a run's metrics show when it beats it.
+    """
     from model.generate import generate
     from model.media import mux_mp4
-    from model.metrics import psnr, ssim
+    from model.metrics import motion_error, psnr, ssim
     from model.vae import load_vae
 
     model.eval()
@@ -153,7 +157,12 @@ def validation_sample(model: torch.nn.Module, vae_path: str | None, clip: dict[s
     fps = float(clip.get("fps", 16))
     mux_mp4(frames, audio, fps, out_dir / "sample.mp4")
     mux_mp4(truth, audio, fps, out_dir / "ground_truth.mp4")
-    values = {"psnr": psnr(frames, truth), "ssim": ssim(frames, truth), "nfe": float(result.nfe)}
+    values = {"psnr": psnr(frames, truth), "ssim": ssim(frames, truth), "motion_error": motion_error(frames, truth),
+              "nfe": float(result.nfe)}
+    if "ref_frame" in clip:
+        copied = np.repeat(np.asarray(clip["ref_frame"], dtype=np.uint8)[None], truth.shape[0], axis=0)
+        values.update({"copy_ref_psnr": psnr(copied, truth), "copy_ref_ssim": ssim(copied, truth),
+                       "copy_ref_motion_error": motion_error(copied, truth)})
     (out_dir / "metrics.json").write_text(json.dumps(values))
     return values
 

@@ -48,6 +48,13 @@ def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_buck
     assert _metric_steps(storage, run_uri) == [1, 2]
     assert storage.dir_complete(f"{run_uri}/export")
     assert storage.list(f"{run_uri}/validation", suffixes=".mp4")
+    # The copy-the-reference baseline on the same clip rides along: a static video's motion error is
+    # the clip's true motion, which the synthetic dancers always have.
+    val = json.loads(storage.read_text(f"{run_uri}/validation/step_000002/metrics.json"))
+    assert val["copy_ref_motion_error"] > 0.001 and val["motion_error"] >= 0
+    assert first.metrics["val_copy_ref_motion_error"] == val["copy_ref_motion_error"]
+    last_line = json.loads(storage.read_text(f"{run_uri}/metrics.jsonl").splitlines()[-1])
+    assert last_line["val_motion_error"] == val["motion_error"]
     assert storage.dir_complete(f"{run_uri}/tensorboard")
 
     # Same run name, more steps, and rank 1 dies once at step 3 (after the step-2 checkpoint):

@@ -240,16 +240,17 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
                    "samples_per_s": samples / seconds, "step_time_s": seconds, "time": time.time(),
                    "peak_rss_mb": _peak_rss_mb(), **step_metrics}
+        checkpointing = step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps
+        if checkpointing:
+            _maybe_validate(ctx, step, metrics)  # first, so val_* land in metrics.jsonl too
         lines.append(json.dumps(metrics))
         if board is not None:
-            board.log(metrics, publish=step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps)
-        checkpointing = step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps
+            board.log(metrics, publish=checkpointing)
         # ray.train.report is a barrier through the controller (~1-2 s on a small machine), so the
         # per-step metrics are kept in metrics.jsonl and reported to Ray Train every N steps only.
         if rank == 0 and (checkpointing or step % cfg.run.report_every_n_steps == 0):
             storage.write_text(metrics_uri, "".join(ln + "\n" for ln in lines))
         if checkpointing:
-            _maybe_validate(ctx, step, metrics)
             _save_checkpoint(ctx, step, metrics, lines)
         elif step % cfg.run.report_every_n_steps == 0:
             ray.train.report(metrics)
