@@ -95,10 +95,10 @@ def build_variants(args: argparse.Namespace, trained: dict[str, dict]) -> tuple[
     from model.presets import ModelConfig, build_denoiser
     from model.samplers import segment_edges
     from ray_jobs.distill_lcm import load_student
-    from ray_jobs.evaluate import Variant
+    from ray_jobs.evaluate import VAE_ROUND_TRIP, Variant
 
     teacher = build_denoiser(ModelConfig(pretrained_path=args.teacher)).eval()
-    variants = [Variant("copy_reference", None),
+    variants = [Variant("copy_reference", None), Variant("vae_round_trip", None, sampler=VAE_ROUND_TRIP),
                 Variant("teacher_100nfe", teacher, sampler="euler_cfg",
                         sampler_kwargs={"steps": 50, "guidance": args.teacher_guidance})]
     notes = []
@@ -149,7 +149,7 @@ def plot_quality_vs_nfe(table: list[dict], path: Path) -> None:
             ax.scatter(max(row["nfe"], 0.5), row[metric])
             ax.annotate(row["variant"], (max(row["nfe"], 0.5), row[metric]), fontsize=7)
         ax.set_xscale("log")
-        ax.set_xlabel("NFE (log; copy-reference drawn at 0.5)")
+        ax.set_xlabel("NFE (log; 0-NFE references drawn at 0.5)")
         ax.set_ylabel(metric.upper())
     fig.suptitle("DanceLCM: quality vs NFE on held-out clips")
     fig.tight_layout()

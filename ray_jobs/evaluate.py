@@ -5,7 +5,8 @@ conditions, compare with the exact ground-truth frames (re-rendered from the sid
 reachable, else the clip's decoded frames), and report PSNR, SSIM, motion error, audio-mouth sync,
 NFE and end-to-end seconds (VAE decode included). The copy-the-reference baseline (every frame = the
 reference frame) is always reported: a model that does not clearly beat it on motion error has not
-learned motion.
+learned motion. The VAE round trip (the clip's own latents decoded, `Variant(..., sampler=VAE_ROUND_TRIP)`)
+is the ceiling of any model that generates in this latent space.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from model.conditions import Conditions
 from model.metrics import EXTRA_METRICS, motion_error, mouth_sync, psnr, ssim
 from model.storage import Storage
 
-__all__ = ["Variant", "heldout_clips", "ground_truth", "evaluate", "summarize", "write_grid"]
+__all__ = ["VAE_ROUND_TRIP", "Variant", "heldout_clips", "ground_truth", "evaluate", "summarize", "write_grid"]
 
 log = logging.getLogger(__name__)
+
+VAE_ROUND_TRIP = "vae_round_trip"  # a model-less Variant's sampler: decode the clip's own latents
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Variant:
     """One row of the evaluation table: a model and how it samples."""
 
     name: str
-    model: torch.nn.Module | None  # None = copy-the-reference baseline
+    model: torch.nn.Module | None  # None = copy-the-reference baseline (or the VAE round trip, see sampler)
     sampler: str = "euler_cfg"
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
     drop_for_uncond: tuple[str, ...] = ("pose", "audio", "face")
@@ -71,6 +74,12 @@ def _generate(variant: Variant, clip: dict[str, Any], vae: Any, seed: int) -> tu
     from model.generate import generate
 
     truth = np.asarray(clip["frames"])
+    if variant.model is None and variant.sampler == VAE_ROUND_TRIP:
+        from model.vae import video_to_uint8
+
+        start = time.perf_counter()
+        video = vae.decode(torch.as_tensor(np.asarray(clip["latents"]), dtype=torch.float32)[None].to(vae.device))
+        return video_to_uint8(video)[0].numpy(), 0, time.perf_counter() - start
     if variant.model is None:
         start = time.perf_counter()
         return np.repeat(np.asarray(clip["ref_frame"])[None], truth.shape[0], axis=0), 0, time.perf_counter() - start

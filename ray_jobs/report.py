@@ -24,15 +24,21 @@ def _pyplot():
 
 
 def plot_quality_vs_nfe(table: list[dict[str, Any]], out_path: Path) -> Path:
-    """Scatter of PSNR and motion error against NFE (log x), one labelled point per variant."""
+    """Scatter of PSNR and motion error against NFE (log x), one labelled point per variant.
+
+    Model-free references (0 NFE: copy the reference, VAE round trip) are dashed horizontal lines.
+    """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "psnr", "PSNR (dB, higher is better)"),
                            (axes[1], "motion_error", "motion error (lower is better)")):
         for row in table:
-            x = max(row["nfe"], 0.5)  # the copy baseline spends 0 NFE; keep it on a log axis
-            ax.scatter([x], [row[key]])
-            ax.annotate(row["variant"], (x, row[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if row["nfe"] == 0:
+                ax.axhline(row[key], linestyle="--", linewidth=1, color="gray")
+                ax.annotate(row["variant"], (1, row[key]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+                continue
+            ax.scatter([row["nfe"]], [row[key]])
+            ax.annotate(row["variant"], (row["nfe"], row[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(label)

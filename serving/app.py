@@ -111,6 +111,7 @@ class Animator:
         self.jobs = JobStore(storage, self.cfg.output, self.cfg.job_stale_s)
         self._batched.set_max_batch_size(self.cfg.animator.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.animator.batch_wait_timeout_s)
+        self._in_flight = 0  # requests inside `_animate`; drives the adaptive batch wait
         self._fatal: str | None = None
         if self.cfg.warmup:
             logger.info("Animator warm-up took %.2f s", self.engine.warmup())
@@ -152,7 +153,16 @@ class Animator:
         return await asyncio.to_thread(self._run_groups, items)
 
     async def _animate(self, request: AnimationRequest, progress: Any) -> tuple[bytes, Any]:
-        animation = await self._batched((request, progress))
+        # Adaptive batch wait: a request arriving at an idle replica runs at once (waiting to fill a
+        # batch would only add latency); one arriving while others are in flight waits up to
+        # batch_wait_timeout_s, which costs nothing while the replica is busy and lets batches form.
+        self._in_flight += 1
+        busy = self._in_flight > 1
+        self._batched.set_batch_wait_timeout_s(self.cfg.animator.batch_wait_timeout_s if busy else 0.0)
+        try:
+            animation = await self._batched((request, progress))
+        finally:
+            self._in_flight -= 1
         if isinstance(animation, Exception):
             raise animation
         mp4 = await asyncio.to_thread(self.engine.render_mp4, request, animation)

@@ -50,7 +50,7 @@ class DeploymentKnobs(StrictConfig):
     health_check_timeout_s: float = Field(30.0, gt=0, description="check_health deadline")
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="time to finish requests on scale-down")
     max_batch_size: int = Field(4, ge=1, description="@serve.batch: requests that share a shape run as one batch")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch while other requests are in flight (an idle replica never waits)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "DeploymentKnobs":

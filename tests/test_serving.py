@@ -102,8 +102,10 @@ def serve_urls(s3_server, tiny_vae, tmp_path_factory):
                         allowed_s3_buckets=[bucket], retry_after_s=3)
         from ray.serve.api import RunTarget
 
+        local_args = _args(tiny_vae, str(local_out))
+        local_args["animator"]["batch_wait_timeout_s"] = 5.0  # only ever waited for while others are in flight
         serve.run_many([RunTarget(build_app(s3_args), name="s3", route_prefix="/s3"),  # both start in parallel
-                        RunTarget(build_app(_args(tiny_vae, str(local_out))), name="local", route_prefix="/local")])
+                        RunTarget(build_app(local_args), name="local", route_prefix="/local")])
         try:
             yield {"s3": f"http://127.0.0.1:{port}/s3", "local": f"http://127.0.0.1:{port}/local",
                    "bucket": bucket, "local_out": local_out, "s3_server": s3_server}
@@ -220,6 +222,16 @@ def test_bad_input_is_4xx_naming_the_field(serve_urls, files, data, status, fiel
     response = _post(serve_urls["s3"], files, data)
     assert response.status_code == status, response.text
     assert response.json()["error"]["field"] == field
+
+
+def test_idle_replica_runs_a_lone_request_without_waiting_to_fill_a_batch(serve_urls, tmp_path):
+    # /local's batch wait is 5 s; an idle replica must not spend it on a request that has no company.
+    start = time.monotonic()
+    response = _post(serve_urls["local"], {"image": ("ref.png", _png(), "image/png")}, {"frames": 4, "steps": 1}, key=None)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 200, response.text
+    assert elapsed < 4.0, f"lone request took {elapsed:.1f} s: it waited for a batch"
+    assert _probe_mp4(response.content, tmp_path)[1].shape[0] == 4
 
 
 def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_path):
