@@ -93,7 +93,7 @@ def _stage_profile(videos: Path) -> dict:
     """Milliseconds per video of each stage, in-process on one core (where the pipeline's time goes)."""
     import numpy as np
 
-    from model.media import decode_audio, decode_video
+    from model.media import decode_audio, decode_video, decode_video_and_audio
     from ray_jobs.preprocess import PreprocessConfig, udfs
 
     source = sorted(videos.glob("*.mp4"))[0]
@@ -109,6 +109,7 @@ def _stage_profile(videos: Path) -> dict:
 
     timed("ffmpeg_video_only", lambda: decode_video(source, cfg.fps, (cfg.width, cfg.height)))
     timed("ffmpeg_audio_only", lambda: decode_audio(source))
+    timed("ffmpeg_video_and_audio_one_run", lambda: decode_video_and_audio(source, cfg.fps, (cfg.width, cfg.height)))
     rows = timed("decode_clips_total", lambda: udfs.decode_clips(item, cfg))
     batch = {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray)
              else np.array([r[k] for r in rows], dtype=object) for k in rows[0]}

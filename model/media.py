@@ -23,7 +23,8 @@ import av
 import ffmpeg
 import numpy as np
 
-__all__ = ["MediaError", "MediaInfo", "ffmpeg_exe", "probe", "decode_video", "decode_audio", "mux_mp4"]
+__all__ = ["MediaError", "MediaInfo", "ffmpeg_exe", "probe", "decode_video", "decode_audio", "decode_video_and_audio",
+           "mux_mp4"]
 
 # A decode missing more than this fraction (and > 2 frames) of what the container promises is
 # truncated (a cut file with its index at the front still decodes, just shorter).
@@ -121,27 +122,22 @@ def _run(stream, path, input_bytes: bytes | None = None) -> bytes:
     return out
 
 
-def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
-                 fit: Literal["crop", "pad"] = "crop") -> np.ndarray:
-    """Decode to uint8 (T, H, W, 3) RGB at `fps` and size (W, H), upright (rotation applied).
-
-    `fit="crop"` scales so the frame covers (W, H) and center-crops the excess;
-    `fit="pad"` scales so the frame fits inside (W, H) and pads with black bars, centred.
-    """
+def _video_graph(stream, fps: float, size: tuple[int, int], fit: str):
+    """fps resample + aspect-preserving crop or pad to (W, H) on an ffmpeg-python video stream."""
     width, height = size
     if fit not in ("crop", "pad"):
         raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
-    info = probe(path)
-    if not info.has_video:
-        raise MediaError("no video stream", path)
-    node = ffmpeg.input(str(path)).video.filter("fps", fps=fps)
+    node = stream.filter("fps", fps=fps)
     if fit == "crop":
         node = node.filter("scale", width, height, force_original_aspect_ratio="increase", flags="area")
-        node = node.filter("crop", width, height)
-    else:
-        node = node.filter("scale", width, height, force_original_aspect_ratio="decrease", flags="area")
-        node = node.filter("pad", width, height, "(ow-iw)/2", "(oh-ih)/2")
-    raw = _run(node.output("pipe:", format="rawvideo", pix_fmt="rgb24"), path)
+        return node.filter("crop", width, height)
+    node = node.filter("scale", width, height, force_original_aspect_ratio="decrease", flags="area")
+    return node.filter("pad", width, height, "(ow-iw)/2", "(oh-ih)/2")
+
+
+def _frames_from_raw(raw: bytes, info: MediaInfo, fps: float, size: tuple[int, int], path) -> np.ndarray:
+    """rgb24 bytes -> uint8 (T, H, W, 3); a decode well short of what the container promises is an error."""
+    width, height = size
     frames = np.frombuffer(raw, np.uint8)
     if frames.size == 0 or frames.size % (width * height * 3):
         raise MediaError(f"decoded no complete frame ({frames.size} bytes)", path)
@@ -152,22 +148,68 @@ def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
     return frames
 
 
-def decode_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def _wave_from_raw(raw: bytes, channels: int, path) -> np.ndarray:
+    """Interleaved f32le -> float32 mono (N,): channels averaged (see `decode_audio`)."""
+    samples = np.frombuffer(raw, np.float32)
+    if samples.size % channels:
+        raise MediaError(f"decoded audio of {samples.size} samples is not a multiple of {channels} channels", path)
+    return samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
+                 fit: Literal["crop", "pad"] = "crop", info: MediaInfo | None = None) -> np.ndarray:
+    """Decode to uint8 (T, H, W, 3) RGB at `fps` and size (W, H), upright (rotation applied).
+
+    `fit="crop"` scales so the frame covers (W, H) and center-crops the excess;
+    `fit="pad"` scales so the frame fits inside (W, H) and pads with black bars, centred.
+    `info` is the file's `probe` result when the caller already has it.
+    """
+    info = info or probe(path)
+    if not info.has_video:
+        raise MediaError("no video stream", path)
+    node = _video_graph(ffmpeg.input(str(path)).video, fps, size, fit)
+    raw = _run(node.output("pipe:", format="rawvideo", pix_fmt="rgb24"), path)
+    return _frames_from_raw(raw, info, fps, size, path)
+
+
+def decode_audio(path: str | os.PathLike, sample_rate: int = 16000, info: MediaInfo | None = None) -> np.ndarray:
     """Decode the first audio stream to float32 mono (N,) at `sample_rate`, any rate/layout in.
 
     Channels are averaged here rather than by ffmpeg's `-ac 1`, whose downmix adds +3 dB to a
     stereo copy of a mono signal: a speaker must sound equally loud in mono and stereo files.
     """
-    info = probe(path)
+    info = info or probe(path)
     if not info.has_audio:
         raise MediaError("no audio stream", path)
     channels = max(info.audio_channels, 1)
     node = ffmpeg.input(str(path)).audio
     raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate), path)
-    samples = np.frombuffer(raw, np.float32)
-    if samples.size % channels:
-        raise MediaError(f"decoded audio of {samples.size} samples is not a multiple of {channels} channels", path)
-    return samples.reshape(-1, channels).mean(axis=1, dtype=np.float64).astype(np.float32)
+    return _wave_from_raw(raw, channels, path)
+
+
+def decode_video_and_audio(path: str | os.PathLike, fps: float, size: tuple[int, int],
+                           fit: Literal["crop", "pad"] = "crop", sample_rate: int = 16000,
+                           info: MediaInfo | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`decode_video` and `decode_audio` in one ffmpeg run (one process, one demux); audio None if absent.
+
+    The video goes to stdout and the audio to a temporary file (two pipes from one ffmpeg-python
+    run would need threads to drain them). Same outputs as the two calls; a failure does not say
+    which stream was bad, so callers that attribute errors re-run the two decodes separately.
+    """
+    info = info or probe(path)
+    if not info.has_video:
+        raise MediaError("no video stream", path)
+    if not info.has_audio:
+        return decode_video(path, fps, size, fit, info), None
+    channels = max(info.audio_channels, 1)
+    source = ffmpeg.input(str(path))
+    video_out = _video_graph(source.video, fps, size, fit).output("pipe:", format="rawvideo", pix_fmt="rgb24")
+    with tempfile.TemporaryDirectory(prefix="decode-") as tmp:
+        audio_file = Path(tmp) / "audio.f32"
+        audio_out = source.audio.output(str(audio_file), format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate)
+        raw = _run(ffmpeg.merge_outputs(video_out, audio_out), path)
+        wave = _wave_from_raw(audio_file.read_bytes(), channels, path)
+    return _frames_from_raw(raw, info, fps, size, path), wave
 
 
 def mux_mp4(frames: np.ndarray, audio: np.ndarray | None, fps: float,

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from model.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4, probe
+from model.media import MediaError, decode_audio, decode_video, decode_video_and_audio, ffmpeg_exe, mux_mp4, probe
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)
 
@@ -101,6 +101,17 @@ def test_decode_audio_of_mp4(clip):
     audio = decode_audio(clip)
     assert abs(len(audio) - 32000) <= 16
     assert np.sqrt(np.mean(audio[1000:31000] ** 2)) == pytest.approx(0.4 / np.sqrt(2), rel=0.1)
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_one_run_decode_equals_the_two_decodes(clip, tmp_path, fit):
+    frames, wave = decode_video_and_audio(clip, 12, (48, 40), fit, sample_rate=22050)
+    assert np.array_equal(frames, decode_video(clip, 12, (48, 40), fit))
+    assert np.array_equal(wave, decode_audio(clip, 22050))
+    silent = tmp_path / "silent.mp4"
+    mux_mp4(_two_color_frames(8), None, fps=16, out_path=silent)
+    frames, wave = decode_video_and_audio(silent, 16, (32, 32), fit)
+    assert wave is None and frames.shape == (8, 32, 32, 3)
 
 
 def test_media_errors(clip, tmp_path):

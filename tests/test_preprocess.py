@@ -293,3 +293,21 @@ def test_config_validation_and_tiny_example():
         load_config(PreprocessConfig, None, ["input=a", "output=b", "width=66"])
     with pytest.raises(ConfigError, match="model_path"):
         load_config(PreprocessConfig, None, ["input=a", "output=b", "pose.extractor=onnx"])
+
+
+def test_one_run_decode_failure_is_attributed_to_the_stream_at_fault(tmp_path):
+    """Video and audio decode in one ffmpeg run; when it fails, the error row still names the stage."""
+    from ray_jobs.preprocess.udfs import decode_clips
+
+    frames = np.zeros((32, SIZE, SIZE, 3), np.uint8)
+    frames[:, :, : SIZE // 2] = 200
+    clip, faststart, cut = tmp_path / "clip.mp4", tmp_path / "faststart.mp4", tmp_path / "cut.mp4"
+    mux_mp4(frames, np.sin(np.arange(32000) / 9).astype(np.float32) * 0.3, fps=FPS, out_path=clip)
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(clip), "-c", "copy", "-movflags", "+faststart",
+                    str(faststart)], check=True)
+    cut.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.75)])  # opens, decodes short
+    cfg = _config(str(tmp_path), str(tmp_path / "out"))
+    good = decode_clips({"source": str(clip), "sidecar": "", "size": 0, "mtime": 0}, cfg)
+    assert len(good) == 32 // T and all(r["error_stage"] == "" and r["has_audio"] for r in good)
+    bad = decode_clips({"source": str(cut), "sidecar": "", "size": 0, "mtime": 0}, cfg)
+    assert len(bad) == 1 and bad[0]["error_stage"] == "decode" and "truncated" in bad[0]["error_reason"]

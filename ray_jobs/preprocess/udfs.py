@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from model.audio import audio_features
-from model.media import MediaError, decode_audio, decode_video, probe
+from model.media import MediaError, decode_audio, decode_video, decode_video_and_audio, probe
 from model.pose import render_pose
 from model.storage import Storage, StorageError
 from ray_jobs.preprocess import stages
@@ -85,8 +85,7 @@ def _decode_clips(item: dict, cfg: PreprocessConfig, storage: Storage) -> list[d
     with storage.local_copy(item["source"]) as path:
         sha256 = _sha256(path)
         try:
-            info, frames = _decode_media(path, cfg)
-            wave = _decode_wave(path, info, cfg)
+            info, frames, wave = _decode_media(path, cfg)
         except StageError as exc:
             exc.sha256 = sha256
             raise
@@ -134,18 +133,29 @@ def _read_sidecar(storage: Storage, uri: str) -> dict:
 
 
 def _decode_media(path: Path, cfg: PreprocessConfig):
-    """(MediaInfo, frames uint8 (N, H, W, 3)) at the target fps/size: one ffmpeg run per video."""
+    """(MediaInfo, frames uint8 (N, H, W, 3), wave (S,) or None) at the target fps/size/rate.
+
+    One probe and one ffmpeg run for both streams; only when that run fails are the streams decoded
+    apart, so the error names the stage (decode or audio) that is really at fault.
+    """
     try:
         info = probe(path)
     except MediaError as exc:
         raise StageError("probe", exc.reason) from exc
     if not info.has_video:
         raise StageError("probe", "no video stream")
+    if info.has_audio:
+        try:
+            frames, wave = decode_video_and_audio(path, cfg.fps, (cfg.width, cfg.height), cfg.fit,
+                                                  cfg.audio.features.sample_rate, info)
+            return info, frames, wave
+        except MediaError:
+            pass  # attribute it below
     try:
-        frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit)
+        frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit, info)
     except MediaError as exc:
         raise StageError("decode", exc.reason) from exc
-    return info, frames
+    return info, frames, _decode_wave(path, info, cfg)
 
 
 def _decode_wave(path: Path, info, cfg: PreprocessConfig) -> np.ndarray | None:
@@ -155,7 +165,7 @@ def _decode_wave(path: Path, info, cfg: PreprocessConfig) -> np.ndarray | None:
             return None
         raise StageError("audio", "no audio stream (set audio.allow_silent=true to keep silent videos)")
     try:
-        return decode_audio(path, cfg.audio.features.sample_rate)
+        return decode_audio(path, cfg.audio.features.sample_rate, info)
     except MediaError as exc:
         raise StageError("audio", exc.reason) from exc
 
