@@ -46,16 +46,17 @@ def _thickness(height: int, width: int) -> int:
 def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
     """Draw one (17, 3) [x, y, conf] pixel skeleton on black; returns uint8 (H, W, 3)."""
     canvas = np.zeros((height, width, 3), np.uint8)
-    visible = keypoints[:, 2] >= conf_threshold
-    points = np.round(np.nan_to_num(keypoints[:, :2]) * (1 << _SHIFT)).astype(np.int64)
+    visible = (keypoints[:, 2] >= conf_threshold).tolist()
+    # Python int tuples once per frame: cv2 wants them, and converting per call dominated the cost.
+    points = [tuple(p) for p in np.round(np.nan_to_num(keypoints[:, :2]) * (1 << _SHIFT)).astype(np.int64).tolist()]
     thickness = _thickness(height, width)
     joint_radius = int(round((thickness / 2 + 0.5) * (1 << _SHIFT)))  # joints a bit wider than limbs
     for (a, b), color in zip(COCO17_LIMBS, LIMB_COLORS):
         if visible[a] and visible[b]:
-            cv2.line(canvas, tuple(map(int, points[a])), tuple(map(int, points[b])), color,
-                     thickness, cv2.LINE_AA, _SHIFT)
-    for joint in np.flatnonzero(visible):
-        cv2.circle(canvas, tuple(map(int, points[joint])), joint_radius, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
+            cv2.line(canvas, points[a], points[b], color, thickness, cv2.LINE_AA, _SHIFT)
+    for joint, seen in enumerate(visible):
+        if seen:
+            cv2.circle(canvas, points[joint], joint_radius, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
     return canvas
 
 

@@ -129,7 +129,7 @@ def build_dataset(cfg: PreprocessConfig, pending: list[dict], shard_dir: str):
     import ray
 
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
-    ds = ds.flat_map(udfs.decode_clips, fn_kwargs={"cfg": cfg})
+    ds = ds.map_batches(udfs.decode_clip_batch, fn_kwargs={"cfg": cfg}, batch_size=1)
     for stage in (udfs.add_audio_features, udfs.add_pose, udfs.add_face_track, udfs.add_motion_mask):
         ds = ds.map_batches(stage, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size)
     if cfg.vae.enabled:
