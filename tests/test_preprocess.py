@@ -98,7 +98,7 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 
 def _config(input_uri: str, output_uri: str, **overrides) -> PreprocessConfig:
-    fields = {"batch_size": 4, "shard_clips": 16, "vae": {"enabled": False}, **overrides}
+    fields = {"shard_clips": 16, "vae": {"enabled": False}, **overrides}
     return PreprocessConfig(input=input_uri, output=output_uri, **fields)
 
 
@@ -171,7 +171,7 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
         _check_clip(row, videos)
     before = _listing(storage, output)
     cli = ["--config", "ray_jobs/configs/tiny/preprocess.yaml", "--set", f"input={inputs}", "--set",
-           f"output={output}", "--set", "vae.enabled=false", "--set", "batch_size=4", "--set", "shard_clips=16"]
+           f"output={output}", "--set", "vae.enabled=false", "--set", "videos_per_task=2", "--set", "shard_clips=16"]
     again = main(cli)  # the CLI entry point, on the Ray already up
     assert again["run"] is None and again["clips_written"] == 0 and again["videos_skipped"] == 2 + len(BAD)
     assert _listing(storage, output) == before  # nothing new, nothing rewritten

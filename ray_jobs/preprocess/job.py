@@ -14,6 +14,7 @@ never duplicate clips.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import posixpath
@@ -128,16 +129,36 @@ def build_dataset(cfg: PreprocessConfig, pending: list[dict], shard_dir: str):
     """The streaming pipeline: inputs -> clips -> audio -> pose -> face -> motion -> [VAE] -> shards."""
     import ray
 
+    # Ray Data fuses consecutive task-pool map_batches into one task and bundles max(batch_size) of
+    # the *first* op's input rows per task. The CPU stages therefore take whole blocks (the clips of
+    # `videos_per_task` videos) rather than a clip batch size, which would bundle that many videos
+    # into one task and leave the other cores idle.
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
-    ds = ds.map_batches(udfs.decode_clip_batch, fn_kwargs={"cfg": cfg}, batch_size=1)
+    ds = ds.map_batches(udfs.decode_clip_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.videos_per_task)
     for stage in (udfs.add_audio_features, udfs.add_pose, udfs.add_face_track, udfs.add_motion_mask):
-        ds = ds.map_batches(stage, fn_kwargs={"cfg": cfg}, batch_size=cfg.batch_size)
+        ds = ds.map_batches(stage, fn_kwargs={"cfg": cfg}, batch_size=None)
     if cfg.vae.enabled:
         ds = ds.map_batches(udfs.VaeEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.vae.batch_size,
                             compute=ray.data.ActorPoolStrategy(min_size=cfg.vae.min_actors, max_size=cfg.vae.max_actors),
                             num_cpus=cfg.vae.num_cpus, num_gpus=_vae_gpus(cfg))
+    # After the VAE's actor pool (a separate operator) rows are re-batched into full shards; without
+    # it, the writer is fused into the per-video task and splits that block into shards itself.
     return ds.map_batches(udfs.write_shard, fn_kwargs={"cfg": cfg, "shard_dir": shard_dir},
-                          batch_size=cfg.shard_clips, batch_format="pyarrow")
+                          batch_size=cfg.shard_clips if cfg.vae.enabled else None, batch_format="pyarrow")
+
+
+@contextlib.contextmanager
+def _data_context(cfg: PreprocessConfig):
+    """This job's Ray Data settings for the datasets built inside; the driver's previous ones restored after."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.op_resource_reservation_enabled
+    ctx.op_resource_reservation_enabled = cfg.reserve_operator_resources
+    try:
+        yield
+    finally:
+        ctx.op_resource_reservation_enabled = saved
 
 
 def _vae_gpus(cfg: PreprocessConfig) -> float:
@@ -217,7 +238,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                              "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": []})
     run_name = _next_run_name(storage, cfg.output, manifest)
     run_dir = storage.join(cfg.output, run_name)
-    rows = _collect(build_dataset(cfg, pending, storage.join(run_dir, "shards"))) if pending else []
+    with _data_context(cfg):
+        rows = _collect(build_dataset(cfg, pending, storage.join(run_dir, "shards"))) if pending else []
     entries = _source_entries(rows, pending, run_name)
     error_count = _write_errors(storage, storage.join(run_dir, "errors.parquet"), entries, changed, rows)
     shards = sorted({posixpath.join(run_name, "shards", r["shard"]) for r in rows if r["shard"]})

@@ -349,26 +349,36 @@ class VaeEncoder:
 
 # ---------------------------------------------------------------------------------------- writer
 def write_shard(table, cfg: PreprocessConfig, shard_dir: str):
-    """map_batches UDF (pyarrow batches): good rows -> one Parquet shard; returns the summary rows.
+    """map_batches UDF (pyarrow batches): good rows -> Parquet shards of at most `shard_clips`; returns the summary rows.
 
-    The shard's name hashes its (source, clip_index) list, so a retried task overwrites the same file
+    A shard's name hashes its (source, clip_index) list, so a retried task overwrites the same file
     instead of adding a duplicate. We write the Parquet ourselves instead of `Dataset.write_parquet`
     because the same pass must also split off the error rows and report which clips landed where.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     good = pc.equal(table["error_stage"], "")
     columns = SHARD_COLUMNS + (LATENT_COLUMNS if cfg.vae.enabled else ())
     clips = table.filter(good).select(list(columns))
-    shard_name = ""
-    if clips.num_rows:
-        keys = "\n".join(f"{s}#{c}" for s, c in zip(clips["source"].to_pylist(), clips["clip_index"].to_pylist()))
-        shard_name = f"part-{hashlib.sha1(keys.encode()).hexdigest()[:16]}.parquet"
-        sink = pa.BufferOutputStream()
-        pq.write_table(clips, sink)
-        Storage(cfg.storage).write_bytes(Storage(cfg.storage).join(shard_dir, shard_name), sink.getvalue().to_pybytes())
-    shard = pc.if_else(good, pa.scalar(shard_name), pa.scalar(""))
-    summary = table.select([c for c in SUMMARY_COLUMNS if c != "shard"]).append_column("shard", shard)
-    return summary
+    names = [_write_one_shard(clips.slice(start, cfg.shard_clips), cfg, shard_dir)
+             for start in range(0, clips.num_rows, cfg.shard_clips)]
+    shard_of_clip = iter([names[i // cfg.shard_clips] for i in range(clips.num_rows)])  # good rows, in order
+    shard = [next(shard_of_clip) if ok else "" for ok in good.to_pylist()]
+    summary = table.select([c for c in SUMMARY_COLUMNS if c != "shard"])
+    return summary.append_column("shard", pa.array(shard, pa.string()))
+
+
+def _write_one_shard(clips, cfg: PreprocessConfig, shard_dir: str) -> str:
+    """Write one Parquet shard named by the hash of its (source, clip_index) list; return its file name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = "\n".join(f"{s}#{c}" for s, c in zip(clips["source"].to_pylist(), clips["clip_index"].to_pylist()))
+    name = f"part-{hashlib.sha1(keys.encode()).hexdigest()[:16]}.parquet"
+    sink = pa.BufferOutputStream()
+    strings = [f.name for f in clips.schema if pa.types.is_string(f.type)]  # dictionary-encode names, not pixels
+    pq.write_table(clips, sink, compression=cfg.shard_compression, use_dictionary=strings)
+    storage = Storage(cfg.storage)
+    storage.write_bytes(storage.join(shard_dir, name), sink.getvalue().to_pybytes())
+    return name
