@@ -15,21 +15,30 @@ causal per-latent-frame loop (same feature cache, so the result is identical) bu
 out in chunks of latent frames, which `decode` can move to another device (``out_device="cpu"``) as
 they come; long videos then need accelerator memory for one chunk only. Frames larger than the tile
 size go through diffusers' own `tiled_decode` (spatial tiles, whole clip per tile) instead.
+
+Frame-wise fast path: a VAE with temporal factor 1 whose causal convs have all-zero past-time taps
+(the tiny one: `ray_jobs.fit_vae` keeps them zero) maps each frame on its own, so the causal loop
+only repeats work. `VideoVAE` then folds time into the batch and runs every causal conv as a 2-D
+conv with its current-frame tap: the same numbers up to float rounding (checked by a test), a
+third of the conv FLOPs and no per-frame Python loop. Real Wan VAEs (temporal factor 4) never take it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from pydantic import Field
 
 from model.config import StrictConfig
 
-__all__ = ["VAEConfig", "VideoVAE", "load_vae", "TINY_VAE_PATH", "frames_to_model_input", "video_to_uint8"]
+__all__ = ["VAEConfig", "VideoVAE", "load_vae", "TINY_VAE_PATH", "frames_to_model_input", "video_to_uint8",
+           "is_framewise", "past_time_taps_are_zero", "zero_past_time_taps", "framewise_conv_forward"]
 
 TINY_VAE_PATH = Path(__file__).resolve().parent / "assets" / "tiny_vae"
 
@@ -46,6 +55,84 @@ class VAEConfig(StrictConfig):
     tiling: bool = Field(False, description="spatially tiled encode/decode for frames larger than the tile (diffusers enable_tiling)")
     tile_sample_size: int = Field(256, ge=16, description="tile edge in pixels when tiling")
     tile_sample_stride: int = Field(192, ge=8, description="tile stride in pixels when tiling (overlap = size - stride)")
+    framewise_fast_path: bool = Field(True, description="frame-wise VAEs (temporal factor 1, zero past taps) run frames as one batch of 2-D convs")
+    encode_chunk_frames: int = Field(32, ge=1, description="frames per batch on the frame-wise encode path (bounds encode memory)")
+
+
+def _causal_convs(vae) -> list:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return [module for module in vae.modules() if isinstance(module, WanCausalConv3d)]
+
+
+@torch.no_grad()
+def zero_past_time_taps(vae) -> int:
+    """Zero the past-frame taps of every causal conv with temporal kernel > 1; return how many convs."""
+    count = 0
+    for module in _causal_convs(vae):
+        if module.kernel_size[0] > 1:
+            module.weight[:, :, :-1].zero_()  # causal: the last temporal tap is the current frame
+            count += 1
+    return count
+
+
+def past_time_taps_are_zero(vae) -> bool:
+    """True when every causal conv's past-frame taps are exactly zero (each frame is mapped alone)."""
+    return all(not module.weight[:, :, :-1].any() for module in _causal_convs(vae) if module.kernel_size[0] > 1)
+
+
+def is_framewise(vae) -> bool:
+    """True for an `AutoencoderKLWan` that maps every frame independently (no temporal factor, zero past taps)."""
+    return (not any(vae.config.temperal_downsample) and vae.config.patch_size is None
+            and past_time_taps_are_zero(vae))
+
+
+def _conv2d_forward(conv) -> Callable:
+    """`WanCausalConv3d.forward` for zero past taps: a 2-D conv per frame with the current-frame tap.
+
+    `cache_x` (past frames from diffusers' feature cache) is ignored: it only ever meets the zero taps.
+    """
+    def forward(x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, frames, height, width = x.shape
+        flat = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
+        out = F.conv2d(flat, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:], padding=conv._padding[2])
+        return out.reshape(batch, frames, *out.shape[1:]).transpose(1, 2)
+
+    return forward
+
+
+def _install_framewise_convs(vae) -> list:
+    """Shadow every causal conv's `forward` with `_conv2d_forward` (instance attribute); return the convs."""
+    patched = _causal_convs(vae)
+    for module in patched:
+        module.forward = _conv2d_forward(module)
+    return patched
+
+
+@contextmanager
+def framewise_conv_forward(vae) -> Iterator[None]:
+    """Run every causal conv as a 2-D conv while fitting a frame-wise VAE (about 3x cheaper).
+
+    Exact for zero past taps: Wan's causally padded 3-D conv over one frame equals a 2-D conv with
+    `weight[:, :, -1]`. Past taps get no gradient, so they stay zero. The patch is removed on exit.
+    """
+    patched = _install_framewise_convs(vae)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _fold_time(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B*T, C, 1, H, W): every frame its own one-frame clip."""
+    batch, channels, frames, height, width = x.shape
+    return x.transpose(1, 2).reshape(batch * frames, channels, 1, height, width)
+
+
+def _unfold_time(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*T, C, 1, H, W) -> (B, C, T, H, W), inverse of `_fold_time`."""
+    return x.squeeze(2).reshape(batch, -1, *x.shape[1:2], *x.shape[3:]).transpose(1, 2)
 
 
 def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -97,6 +184,10 @@ class VideoVAE:
         if self.config.tiling:
             vae.enable_tiling(self.config.tile_sample_size, self.config.tile_sample_size,
                               self.config.tile_sample_stride, self.config.tile_sample_stride)
+        # Installed for good (not per call) so concurrent calls on one replica never race on the patch.
+        self.framewise = bool(self.config.framewise_fast_path and is_framewise(vae))
+        if self.framewise:
+            _install_framewise_convs(vae)
 
     # geometry ---------------------------------------------------------------------------------
     @property
@@ -169,6 +260,9 @@ class VideoVAE:
         vae = self.vae
         if vae.config.patch_size is not None or (vae.use_tiling and max(x.shape[-2:]) > vae.tile_sample_min_height):
             return vae._encode(x)
+        if self.framewise:
+            chunks = x.split(self.config.encode_chunk_frames, dim=2)
+            return torch.cat([_unfold_time(vae.quant_conv(vae.encoder(_fold_time(c))), len(x)) for c in chunks], dim=2)
         factor = self.temporal_factor
         bounds = [(0, 1)] + [(1 + factor * i, 1 + factor * (i + 1)) for i in range((x.shape[2] - 1) // factor)]
         vae.clear_cache()
@@ -203,6 +297,10 @@ class VideoVAE:
             yield vae.tiled_decode(z).sample
             return
         chunk = chunk_frames or self.config.decode_chunk_frames
+        if self.framewise:
+            for piece in z.split(chunk, dim=2):
+                yield _unfold_time(vae.decoder(vae.post_quant_conv(_fold_time(piece))), len(z)).clamp(-1.0, 1.0)
+            return
         vae.clear_cache()
         try:
             for start in range(0, z.shape[2], chunk):

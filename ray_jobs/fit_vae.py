@@ -1,6 +1,7 @@
 """Fit the tiny `AutoencoderKLWan` to the synthetic puppet world and save it as a diffusers folder.
 
 `python -m ray_jobs.fit_vae --out model/assets/tiny_vae [--steps N --seed S] [--set key=value ...]`
+(`--set init_from=FOLDER` continues an earlier fit; FIT_REPORT.json then also counts total steps/seconds)
 
 No pretrained VAE can be downloaded here, so the tiny default is fitted from scratch on frames the
 synthetic renderer draws: 64x64 full frames and 32x32 face crops (the face path of the model encodes
@@ -23,8 +24,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from model.config import StrictConfig
+from model.vae import framewise_conv_forward, past_time_taps_are_zero, zero_past_time_taps
 from ray_jobs.common import parse_job_config, setup_logging
 
 __all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "zero_past_time_taps", "psnr",
@@ -75,6 +76,7 @@ class FitVAEConfig(StrictConfig):
     face_size: int = Field(32, ge=8, description="face crop edge in pixels")
     eval_frames: int = Field(16, ge=1, description="frames per split for the PSNR report")
     threads: int | None = Field(None, ge=1, description="torch threads (None = torch default)")
+    init_from: str | None = Field(None, description="continue fitting this local VAE folder (its arch must match `arch`)")
     arch: TinyVAEArchitecture = TinyVAEArchitecture()
 
 
@@ -90,51 +92,6 @@ def build_tiny_vae(arch: TinyVAEArchitecture, seed: int):
         scale_factor_spatial=2**stages, scale_factor_temporal=1)
     zero_past_time_taps(vae)
     return vae
-
-
-@torch.no_grad()
-def zero_past_time_taps(vae) -> int:
-    """Zero the past-frame taps of every causal conv with temporal kernel > 1; return how many convs."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    count = 0
-    for module in vae.modules():
-        if isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1:
-            module.weight[:, :, :-1].zero_()  # causal: the last temporal tap is the current frame
-            count += 1
-    return count
-
-
-@contextmanager
-def framewise_conv_forward(vae) -> Iterator[None]:
-    """Run every causal conv as a 2-D conv with its current-frame tap while fitting (about 3x cheaper).
-
-    Exact for a frame-wise VAE: with zero past taps, Wan's causally padded 3-D conv over one frame
-    equals a 2-D conv with `weight[:, :, -1]`. Past taps get no gradient, so they stay zero. Instance
-    attributes shadow the class `forward` and are removed on exit.
-    """
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    patched = [m for m in vae.modules() if isinstance(m, WanCausalConv3d)]
-    for module in patched:
-        module.forward = _conv2d_forward(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def _conv2d_forward(conv) -> Callable:
-    def forward(x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        if cache_x is not None:
-            raise RuntimeError("framewise_conv_forward is for single-frame training only")
-        batch, channels, frames, height, width = x.shape
-        flat = x.transpose(1, 2).reshape(batch * frames, channels, height, width)
-        out = F.conv2d(flat, conv.weight[:, :, -1], conv.bias, stride=conv.stride[1:], padding=conv._padding[2])
-        return out.reshape(batch, frames, *out.shape[1:]).transpose(1, 2)
-
-    return forward
 
 
 def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
@@ -273,12 +230,14 @@ def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng([cfg.seed, 0xFA5E])
     pools = {split: build_frame_pool(cfg, split, rng, source) for split in ("train", "heldout")}
-    vae = build_tiny_vae(cfg.arch, cfg.seed)
+    vae, prior = _initial_vae(cfg)
     steps, seconds = train(vae, pools["train"], cfg)
     if not past_time_taps_are_zero(vae):  # Adam never moves a parameter whose gradient is always 0
         raise RuntimeError("past-time taps moved during training: the VAE is no longer frame-wise")
     eval_gen = np.random.default_rng(cfg.seed)
-    report = {"steps": steps, "seconds": round(seconds, 1), "config": cfg.model_dump()}
+    report = {"steps": steps, "seconds": round(seconds, 1), "config": cfg.model_dump(),
+              "total_steps": steps + prior.get("total_steps", prior.get("steps", 0)),
+              "total_seconds": round(seconds + prior.get("total_seconds", prior.get("seconds", 0.0)), 1)}
     for split, pool in pools.items():
         for kind in ("frames", "faces"):
             pick = torch.from_numpy(eval_gen.choice(len(pool[kind]), min(cfg.eval_frames, len(pool[kind])), replace=False))
@@ -294,12 +253,20 @@ def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
     return report
 
 
-def past_time_taps_are_zero(vae) -> bool:
-    """True when every causal conv's past-frame taps are exactly zero (the VAE is frame-wise)."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+def _initial_vae(cfg: FitVAEConfig):
+    """(vae, prior FIT_REPORT dict): fresh from `cfg.arch`, or loaded from `cfg.init_from` (arch checked)."""
+    if cfg.init_from is None:
+        return build_tiny_vae(cfg.arch, cfg.seed), {}
+    from diffusers import AutoencoderKLWan
 
-    return all(not module.weight[:, :, :-1].any() for module in vae.modules()
-               if isinstance(module, WanCausalConv3d) and module.kernel_size[0] > 1)
+    vae = AutoencoderKLWan.from_pretrained(cfg.init_from)
+    loaded = {key: vae.config[key] for key in ("base_dim", "z_dim", "dim_mult", "num_res_blocks")}
+    if {**loaded, "dim_mult": list(loaded["dim_mult"])} != cfg.arch.model_dump():
+        raise ValueError(f"init_from {cfg.init_from} has arch {loaded}, config asks for {cfg.arch.model_dump()}")
+    if not past_time_taps_are_zero(vae):
+        raise ValueError(f"init_from {cfg.init_from} is not frame-wise (past-time taps are non-zero)")
+    report_path = Path(cfg.init_from) / "FIT_REPORT.json"
+    return vae, (json.loads(report_path.read_text()) if report_path.exists() else {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

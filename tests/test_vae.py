@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.vae import TINY_VAE_PATH, VAEConfig, VideoVAE, load_vae
-from ray_jobs.fit_vae import FitVAEConfig, face_crops, past_time_taps_are_zero, psnr, render_identity_frames
+from model.vae import past_time_taps_are_zero
+from ray_jobs.fit_vae import FitVAEConfig, face_crops, psnr, render_identity_frames
 from ray_jobs.fit_vae import _identities as fit_identities
 
 
@@ -88,6 +89,24 @@ def test_chunked_decode_equals_full_decode(causal_vae: VideoVAE, tiny: VideoVAE)
     tiny_latents = torch.randn(1, 16, 6, 16, 16, generator=gen)
     torch.testing.assert_close(tiny.decode(tiny_latents, chunk_frames=4), tiny.decode(tiny_latents, chunk_frames=6),
                                atol=1e-5, rtol=0)
+
+
+def test_framewise_fast_path_matches_diffusers_causal_loop(tiny: VideoVAE, causal_vae: VideoVAE):
+    from diffusers import AutoencoderKLWan
+
+    assert tiny.framewise and not causal_vae.framewise  # a truly causal VAE never takes the fast path
+    frames, _ = _heldout_clip(5)
+    pixels = torch.from_numpy(frames)[None].permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    plain = AutoencoderKLWan.from_pretrained(str(TINY_VAE_PATH)).eval()  # unpatched diffusers module
+    with torch.no_grad():
+        # diffusers' _encode takes 4-frame chunks after the first (temporal factor 4), so: frame by frame
+        moments = torch.cat([plain._encode(pixels[:, :, t : t + 1]) for t in range(pixels.shape[2])], dim=2)
+        reference_latents = tiny.normalize(moments[:, :16])  # posterior mode = mean half of the moments
+        latents = tiny.encode(pixels)
+        torch.testing.assert_close(latents, reference_latents, atol=1e-4, rtol=0)
+        reference_video = plain.decode(tiny.denormalize(latents)).sample  # diffusers' per-frame causal loop
+    torch.testing.assert_close(tiny.decode(latents, chunk_frames=2), reference_video, atol=1e-4, rtol=0)
+    assert not VideoVAE(plain, VAEConfig(framewise_fast_path=False)).framewise  # the switch turns it off
 
 
 def test_encode_is_deterministic_and_dtype_agnostic(tiny: VideoVAE):
