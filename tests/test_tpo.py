@@ -105,6 +105,20 @@ def test_dpo_loss_math():
     assert bool((worse.loss > math.log(2.0)).all()) and torch.equal(worse.implicit_acc, torch.zeros(2))
 
 
+def test_pair_picking_with_and_without_the_other_dimension_guard():
+    from ray_jobs.preferences.job import pick_pair
+
+    # candidate 0 has the best fidelity but the worst motion; candidate 1 is second on fidelity
+    scores = {"fidelity": np.array([0.9, 0.7, 0.2, 0.5]), "motion": np.array([-0.30, -0.10, -0.12, -0.20])}
+    assert pick_pair(scores, "fidelity", 0.0, None) == (0, 2)  # best vs worst, motion ignored
+    assert pick_pair(scores, "fidelity", 0.0, 0.0) == (1, 2)  # widest pair whose winner does not lose motion
+    assert pick_pair(scores, "fidelity", 0.0, 0.25) == (0, 2)  # tolerance wide enough to allow the trade
+    assert pick_pair(scores, "motion", 0.0, None) == (1, 0)
+    assert pick_pair(scores, "motion", 0.0, 0.0) == (1, 3)  # 1 beats 0 by 0.2 on motion but loses fidelity to it
+    assert pick_pair(scores, "fidelity", 0.8, None) is None  # margin 0.7 does not pass 0.8
+    assert pick_pair({"motion": np.array([0.1, 0.1])}, "motion", 0.0, 0.0) is None  # ties are no preference
+
+
 # --- segment routing on outputs -------------------------------------------------------------------
 
 def test_routed_sampler_uses_motion_above_and_fidelity_below_boundary(tpo_model):

@@ -51,6 +51,12 @@ class PreferencesConfig(StrictConfig):
         default_factory=lambda: {"motion": 0.0, "fidelity": 0.0},
         description="a pair is kept when best - worst reward > this (per dimension, reward units)",
     )
+    other_dimension_tolerance: float | None = Field(
+        None, ge=0,
+        description="None: the pair is best vs worst on its dimension alone. A number: the pair is the widest-margin "
+                    "(winner, loser) whose winner trails the loser by at most this on every other dimension "
+                    "(that dimension's reward units), so an expert is never taught to trade one dimension for another",
+    )
     seed: int = 0
     actors: ActorSection = Field(default_factory=ActorSection)
     storage: StorageConfig = Field(default_factory=StorageConfig)

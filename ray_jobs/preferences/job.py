@@ -4,8 +4,9 @@
 
 Pipeline: shards (conditions + ground truth) -> `CandidateScorer` actors (teacher + VAE loaded once in
 ``__init__``; per condition M seeded candidates with the teacher's Euler/CFG sampler, decoded and
-scored per dimension) -> for each dimension whose best - worst reward passes `min_margin`, one row
-(conditions, winner latents, loser latents, dimension, margin) -> Parquet under ``{output}/data/`` and
+scored per dimension) -> for each dimension whose margin passes `min_margin`, one row (conditions,
+winner latents, loser latents, dimension, margin): best vs worst, or with `other_dimension_tolerance`
+set, the widest pair whose winner does not lose the other dimensions (`pick_pair`) -> Parquet under ``{output}/data/`` and
 ``{output}/manifest.json`` (files, counts per dimension, config). Winner/loser latents are the
 sampler's final latents, i.e. exactly what the teacher would decode: no VAE round trip.
 """
@@ -24,7 +25,7 @@ from ray_jobs.preferences.config import PreferencesConfig
 from ray_jobs.preferences.rewards import get_reward
 
 __all__ = ["CONDITION_COLUMNS", "TRUTH_COLUMNS", "PAIR_COLUMNS", "CandidateScorer", "build_dataset", "run",
-           "read_pairs", "candidate_seed"]
+           "read_pairs", "candidate_seed", "pick_pair"]
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +85,45 @@ class CandidateScorer:
         return result.x.cpu(), video_to_uint8(self.vae.decode(result.x)).numpy()
 
     def _pairs_of(self, clip: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """Score the candidates; one pair (best vs worst) per dimension whose margin passes the threshold."""
+        """Score the candidates; one pair per dimension whose margin passes the threshold (see `pick_pair`)."""
         latents, videos = self.sample_candidates(clip)
+        scores = {dimension: np.array([reward(video, clip) for video in videos])
+                  for dimension, reward in self.rewards.items()}
         pairs = []
-        for dimension, reward in self.rewards.items():
-            scores = np.array([reward(video, clip) for video in videos])
-            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-            margin = float(scores[best] - scores[worst])
-            if margin <= self.cfg.min_margin.get(dimension, 0.0):
+        for dimension in self.rewards:
+            picked = pick_pair(scores, dimension, self.cfg.min_margin.get(dimension, 0.0),
+                               self.cfg.other_dimension_tolerance)
+            if picked is None:
                 continue
+            best, worst = picked
             pairs.append({**{k: clip[k] for k in CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id"]},
-                          "dimension": dimension, "margin": np.float32(margin),
+                          "dimension": dimension, "margin": np.float32(scores[dimension][best] - scores[dimension][worst]),
                           "winner_latents": latents[best].numpy(), "loser_latents": latents[worst].numpy(),
-                          "winner_reward": np.float32(scores[best]), "loser_reward": np.float32(scores[worst])})
+                          "winner_reward": np.float32(scores[dimension][best]),
+                          "loser_reward": np.float32(scores[dimension][worst])})
         return pairs
+
+
+def pick_pair(scores: dict[str, np.ndarray], dimension: str, min_margin: float,
+              tolerance: float | None) -> tuple[int, int] | None:
+    """(winner, loser) candidate indices for `dimension`, or None when no pair's margin exceeds `min_margin`.
+
+    tolerance None: best vs worst on `dimension`. Otherwise the widest-margin pair whose winner is not
+    worse than its loser by more than `tolerance` on any other dimension in `scores`.
+    """
+    own = scores[dimension]
+    if tolerance is None:
+        best, worst = int(np.argmax(own)), int(np.argmin(own))
+        return (best, worst) if own[best] - own[worst] > min_margin else None
+    margins = own[:, None] - own[None, :]  # [winner, loser]
+    allowed = margins > min_margin
+    for other, values in scores.items():
+        if other != dimension:
+            allowed &= values[:, None] - values[None, :] >= -tolerance
+    if not allowed.any():
+        return None
+    winner, loser = np.unravel_index(np.where(allowed, margins, -np.inf).argmax(), margins.shape)
+    return int(winner), int(loser)
 
 
 def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
