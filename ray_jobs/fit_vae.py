@@ -237,7 +237,8 @@ def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
     eval_gen = np.random.default_rng(cfg.seed)
     report = {"steps": steps, "seconds": round(seconds, 1), "config": cfg.model_dump(),
               "total_steps": steps + prior.get("total_steps", prior.get("steps", 0)),
-              "total_seconds": round(seconds + prior.get("total_seconds", prior.get("seconds", 0.0)), 1)}
+              "total_seconds": round(seconds + prior.get("total_seconds", prior.get("seconds", 0.0)), 1),
+              "history": _history(prior)}
     for split, pool in pools.items():
         for kind in ("frames", "faces"):
             pick = torch.from_numpy(eval_gen.choice(len(pool[kind]), min(cfg.eval_frames, len(pool[kind])), replace=False))
@@ -251,6 +252,13 @@ def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
     (out / "FIT_REPORT.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("saved %s: %s", out, {k: v for k, v in report.items() if k != "config"})
     return report
+
+
+def _history(prior: dict) -> list[dict]:
+    """Earlier fits this one continues, oldest first: steps, seconds, config (to reproduce the chain)."""
+    if not prior:
+        return []
+    return prior.get("history", []) + [{key: prior[key] for key in ("steps", "seconds", "config") if key in prior}]
 
 
 def _initial_vae(cfg: FitVAEConfig):
