@@ -12,6 +12,10 @@ Premise table (AlignHuman: early steps set motion, late steps set fidelity), on 
 below σ_b), and adapters swapped between segments. Reported whatever it shows; nothing is tuned here.
 
     python benchmarks/tpo.py --vae-path PATH [--teacher-steps 300 --tpo-steps 200 --videos 12]
+
+Pair-guard ablation on the same shards and teacher (link them into a second work folder first):
+    python benchmarks/tpo.py --work outputs/bench_tpo_noguard --other-dimension-tolerance none \
+        --results-name tpo_pairs_unguarded --teacher-steps 1000 --tpo-steps 150
 """
 
 from __future__ import annotations
@@ -54,12 +58,20 @@ def _prepare(work: Path, args) -> dict:
         load_config(PreferencesConfig, "ray_jobs/configs/tiny/make_preferences.yaml",
                     {"data": str(work / "shards"), "output": str(work / "pairs"),
                      "model.pretrained_path": teacher, "model.vae_path": args.vae_path,
-                     "sampling.steps": args.pair_steps, "sampling.num_candidates": args.candidates})))
+                     "sampling.steps": args.pair_steps, "sampling.num_candidates": args.candidates,
+                     **_pair_guard(args.other_dimension_tolerance)})))
     _stage(seconds, "tpo_training", work / "runs" / "tpo" / "export" / "motion", lambda: train_tpo(
         load_config(TPOConfig, "ray_jobs/configs/tiny/train_tpo.yaml",
                     {**common, "data": str(work / "pairs"), "model.pretrained_path": teacher,
                      "steps": args.tpo_steps, "checkpoint.every_n_steps": min(50, args.tpo_steps)})))
     return {"teacher": teacher, "tpo": str(work / "runs" / "tpo" / "export"), "seconds": seconds}
+
+
+def _pair_guard(value: str) -> dict:
+    """make_preferences override for `--other-dimension-tolerance` ('config' keeps the tiny config's)."""
+    if value == "config":
+        return {}
+    return {"other_dimension_tolerance": None if value == "none" else float(value)}
 
 
 def _stage(seconds: dict, name: str, done: Path, fn) -> None:
@@ -174,6 +186,9 @@ def main() -> None:
     parser.add_argument("--eval-clips", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--boundary", type=float, default=0.875)
+    parser.add_argument("--other-dimension-tolerance", default="config",
+                        help="pairs' other-dimension guard: 'config' (tiny config's), 'none' (best vs worst), or a number")
+    parser.add_argument("--results-name", default="tpo", help="writes results/NAME.json and NAME.png (ablations)")
     args = parser.parse_args()
     import ray
 
@@ -188,10 +203,10 @@ def main() -> None:
               "met": bool(c[k] >= a[k])} for k in ("motion_reward", "fidelity_reward")]
     premise = {k: {m: figures[k][m] for m in ("motion_reward", "fidelity_reward")} for k in figures if k.startswith("premise")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tpo.json").write_text(json.dumps({"goals": goals, "variants": figures, "premise_table": premise,
+    (RESULTS / f"{args.results_name}.json").write_text(json.dumps({"goals": goals, "variants": figures, "premise_table": premise,
                                                   "seconds": paths["seconds"],
                                                   "teacher_curve": _teacher_curve(work), "args": vars(args)}, indent=2))
-    _plot(figures, RESULTS / "tpo.png")
+    _plot(figures, RESULTS / f"{args.results_name}.png")
     print(json.dumps(goals, indent=2))
 
 
