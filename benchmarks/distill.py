@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     variants, notes = build_variants(args, trained)
     storage = Storage()
     clips = heldout_clips(args.data, storage, args.clips)
+    # Timed generation runs with Ray gone: idle Train workers and controllers left from distillation
+    # competed for the 2 cores (teacher per-clip times ranged 3.5-5.5 s in one run).
+    import ray
+
+    ray.shutdown()
     evaluation = evaluate(variants, clips, load_vae(args.vae), storage)
     table = summarize(evaluation["rows"])
     grid_columns = [n for n in ("teacher_100nfe", "tpo_30nfe", "student_4step") if n in evaluation["frames"]]
