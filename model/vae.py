@@ -25,8 +25,8 @@ third of the conv FLOPs and no per-frame Python loop. Real Wan VAEs (temporal fa
 
 from __future__ import annotations
 
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
@@ -132,7 +132,8 @@ def _fold_time(x: torch.Tensor) -> torch.Tensor:
 
 def _unfold_time(x: torch.Tensor, batch: int) -> torch.Tensor:
     """(B*T, C, 1, H, W) -> (B, C, T, H, W), inverse of `_fold_time`."""
-    return x.squeeze(2).reshape(batch, -1, *x.shape[1:2], *x.shape[3:]).transpose(1, 2)
+    _, channels, _, height, width = x.shape
+    return x.reshape(batch, -1, channels, height, width).transpose(1, 2)
 
 
 def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:

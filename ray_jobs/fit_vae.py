@@ -36,8 +36,8 @@ from model.config import StrictConfig
 from model.vae import framewise_conv_forward, past_time_taps_are_zero, zero_past_time_taps
 from ray_jobs.common import parse_job_config, setup_logging
 
-__all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "zero_past_time_taps", "psnr",
-           "past_time_taps_are_zero", "face_crops", "render_identity_frames", "fit_vae", "main"]
+__all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "psnr", "face_crops", "render_identity_frames",
+           "fit_vae", "main"]  # the frame-wise helpers live in model.vae
 
 log = logging.getLogger(__name__)
 
