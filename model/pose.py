@@ -43,20 +43,33 @@ def _thickness(height: int, width: int) -> int:
     return max(2, int(round(min(height, width) / 128)))
 
 
-def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
-    """Draw one (17, 3) [x, y, conf] pixel skeleton on black; returns uint8 (H, W, 3)."""
-    canvas = np.zeros((height, width, 3), np.uint8)
-    visible = (keypoints[:, 2] >= conf_threshold).tolist()
-    # Python int tuples once per frame: cv2 wants them, and converting per call dominated the cost.
-    points = [tuple(p) for p in np.round(np.nan_to_num(keypoints[:, :2]) * (1 << _SHIFT)).astype(np.int64).tolist()]
-    thickness = _thickness(height, width)
+def _fixed_point(keypoints: np.ndarray, conf_threshold: float) -> tuple[list, list]:
+    """(..., 17, 3) keypoints -> nested lists of cv2 fixed-point (x, y) ints and visibility flags.
+
+    Python lists once for all frames: cv2 wants Python ints, and converting per call (or even
+    per frame) dominated the rendering cost.
+    """
+    visible = (keypoints[..., 2] >= conf_threshold).tolist()
+    points = np.round(np.nan_to_num(keypoints[..., :2]) * (1 << _SHIFT)).astype(np.int64).tolist()
+    return points, visible
+
+
+def _draw_skeleton(canvas: np.ndarray, points: list, visible: list) -> None:
+    """Draw one frame's limbs, then joints, into `canvas` (H, W, 3) uint8 in place."""
+    thickness = _thickness(*canvas.shape[:2])
     joint_radius = int(round((thickness / 2 + 0.5) * (1 << _SHIFT)))  # joints a bit wider than limbs
     for (a, b), color in zip(COCO17_LIMBS, LIMB_COLORS):
         if visible[a] and visible[b]:
-            cv2.line(canvas, points[a], points[b], color, thickness, cv2.LINE_AA, _SHIFT)
+            cv2.line(canvas, tuple(points[a]), tuple(points[b]), color, thickness, cv2.LINE_AA, _SHIFT)
     for joint, seen in enumerate(visible):
         if seen:
-            cv2.circle(canvas, points[joint], joint_radius, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
+            cv2.circle(canvas, tuple(points[joint]), joint_radius, JOINT_COLOR, -1, cv2.LINE_AA, _SHIFT)
+
+
+def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
+    """Draw one (17, 3) [x, y, conf] pixel skeleton on black; returns uint8 (H, W, 3)."""
+    canvas = np.zeros((height, width, 3), np.uint8)
+    _draw_skeleton(canvas, *_fixed_point(np.asarray(keypoints, np.float64), conf_threshold))
     return canvas
 
 
@@ -71,6 +84,6 @@ def render_pose(keypoints: np.ndarray, height: int, width: int, conf_threshold: 
     if not np.isfinite(keypoints[..., 2]).all():
         raise ValueError("keypoint confidences must be finite (use 0 for missing joints)")
     frames = np.zeros((len(keypoints), height, width, 3), np.uint8)
-    for t, frame_keypoints in enumerate(keypoints):
-        frames[t] = render_pose_frame(frame_keypoints, height, width, conf_threshold)
+    for canvas, points, visible in zip(frames, *_fixed_point(keypoints, conf_threshold)):
+        _draw_skeleton(canvas, points, visible)  # each frames[t] is a contiguous view cv2 draws into
     return frames

@@ -19,6 +19,7 @@ import pytest
 from model.audio import audio_features
 from model.config import ConfigError, load_config
 from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from ray_jobs import shards
 from ray_jobs.preprocess import PreprocessConfig, main, run
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.udfs import add_face_track
@@ -113,7 +114,7 @@ def _read_shards(ray, storage, output: str):
     manifest = storage.read_json(storage.join(output, "manifest.json"))
     fs, _ = storage.arrow_path(output)
     paths = [storage.arrow_path(storage.join(output, shard))[1] for shard in manifest["shards"]]
-    return manifest, ray.data.read_parquet(paths, filesystem=fs)
+    return manifest, shards.read_dataset(paths, fs)
 
 
 def _listing(storage, output: str) -> dict[str, bytes]:
@@ -167,6 +168,11 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     batch = ds.take_batch(4, batch_format="numpy")
     for column, (dtype, shape) in SCHEMA.items():
         assert batch[column].dtype == dtype and batch[column].shape == (4, *shape), column
+    import pyarrow.parquet as pq  # on disk: raw-bytes tensor columns that describe their own dtype and shape
+
+    on_disk = pq.read_schema(str(Path(output) / manifest["shards"][0]))
+    assert shards.tensor_column_schema(on_disk) == {c: (np.dtype(d), s) for c, (d, s) in SCHEMA.items() if s}
+    assert on_disk.field("frames").type.byte_width == T * SIZE * SIZE * 3
     for row in rows:
         _check_clip(row, videos)
     before = _listing(storage, output)

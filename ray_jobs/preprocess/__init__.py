@@ -2,10 +2,10 @@
 
 `python -m ray_jobs.preprocess --config ray_jobs/configs/tiny/preprocess.yaml [--set key=value ...]`
 
-One streaming Ray Data pipeline (see `job.build_dataset`): list inputs -> decode + clip (flat_map,
-one ffmpeg run per video) -> audio features -> pose -> face crop track -> motion mask -> VAE latents
+One streaming Ray Data pipeline (see `job.build_dataset`): list inputs -> decode + clip (one
+ffmpeg run per video) -> audio features -> pose -> face crop track -> motion mask -> VAE latents
 (actor pool) -> Parquet shards. Bad inputs become error rows, never job failures. Layout and resume
-rules: `ray_jobs.preprocess.job`; shard schema: docs/design.md.
+rules: `ray_jobs.preprocess.job`; shard schema: docs/design.md, tensor encoding: `ray_jobs.shards`.
 """
 
 from ray_jobs.preprocess.config import PreprocessConfig

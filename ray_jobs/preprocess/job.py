@@ -129,22 +129,18 @@ def build_dataset(cfg: PreprocessConfig, pending: list[dict], shard_dir: str):
     """The streaming pipeline: inputs -> clips -> audio -> pose -> face -> motion -> [VAE] -> shards."""
     import ray
 
-    # Ray Data fuses consecutive task-pool map_batches into one task and bundles max(batch_size) of
-    # the *first* op's input rows per task. The CPU stages therefore take whole blocks (the clips of
-    # `videos_per_task` videos) rather than a clip batch size, which would bundle that many videos
-    # into one task and leave the other cores idle.
+    # One task per `videos_per_task` inputs runs decode and every CPU stage (`udfs.process_videos`);
+    # without the VAE it writes the shards too, so only summary rows leave the task.
     ds = ray.data.from_items(pending, override_num_blocks=max(1, len(pending)))
-    ds = ds.map_batches(udfs.decode_clip_batch, fn_kwargs={"cfg": cfg}, batch_size=cfg.videos_per_task)
-    for stage in (udfs.add_audio_features, udfs.add_pose, udfs.add_face_track, udfs.add_motion_mask):
-        ds = ds.map_batches(stage, fn_kwargs={"cfg": cfg}, batch_size=None)
-    if cfg.vae.enabled:
-        ds = ds.map_batches(udfs.VaeEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.vae.batch_size,
-                            compute=ray.data.ActorPoolStrategy(min_size=cfg.vae.min_actors, max_size=cfg.vae.max_actors),
-                            num_cpus=cfg.vae.num_cpus, num_gpus=_vae_gpus(cfg))
-    # After the VAE's actor pool (a separate operator) rows are re-batched into full shards; without
-    # it, the writer is fused into the per-video task and splits that block into shards itself.
-    return ds.map_batches(udfs.write_shard, fn_kwargs={"cfg": cfg, "shard_dir": shard_dir},
-                          batch_size=cfg.shard_clips if cfg.vae.enabled else None, batch_format="pyarrow")
+    if not cfg.vae.enabled:
+        return ds.map_batches(udfs.process_videos, fn_kwargs={"cfg": cfg, "shard_dir": shard_dir},
+                              batch_size=cfg.videos_per_task)
+    ds = ds.map_batches(udfs.process_videos, fn_kwargs={"cfg": cfg}, batch_size=cfg.videos_per_task)
+    ds = ds.map_batches(udfs.VaeEncoder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.vae.batch_size,
+                        compute=ray.data.ActorPoolStrategy(min_size=cfg.vae.min_actors, max_size=cfg.vae.max_actors),
+                        num_cpus=cfg.vae.num_cpus, num_gpus=_vae_gpus(cfg))
+    # After the VAE's actor pool rows are re-batched into full shards.
+    return ds.map_batches(udfs.write_shard, fn_kwargs={"cfg": cfg, "shard_dir": shard_dir}, batch_size=cfg.shard_clips)
 
 
 @contextlib.contextmanager

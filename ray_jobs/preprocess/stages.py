@@ -87,12 +87,25 @@ def motion_mask(frames: np.ndarray, delta: float, factor: int) -> np.ndarray:
     diff -= np.minimum(later, earlier)  # |a - b| in uint8 without widening the whole clip
     per_pixel = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
     step = per_pixel > np.uint8(min(255, int(np.floor(delta * 255.0))))  # (B, T-1, H, W): t vs t+1
-    moving = np.zeros((batch, num_frames, height, width), np.float32)
+    moving = np.zeros((batch, num_frames, height, width), np.uint16)
     moving[:, :-1] = step
-    moving[:, 1:] += step
-    np.minimum(moving, 1.0, out=moving)
-    pooled = moving.reshape(batch, num_frames, height // factor, factor, width // factor, factor)
-    return pooled.mean(axis=(3, 5))
+    moving[:, 1:] |= step
+    return _sum_pool(moving, factor).astype(np.float32) / np.float32(factor * factor)
+
+
+def _sum_pool(values: np.ndarray, factor: int) -> np.ndarray:
+    """Sum over non-overlapping factor x factor cells of the last two axes (..., H, W) -> (..., H/f, W/f).
+
+    Strided adds rather than `reshape(..., f, W/f, f).sum(axis=(-3, -1))`: numpy reduces short
+    inner axes slowly, and this was most of the motion mask's time (2.4 of 4 ms per 8 s video).
+    """
+    columns = values[..., 0::factor].copy()
+    for k in range(1, factor):
+        columns += values[..., k::factor]
+    cells = columns[..., 0::factor, :].copy()
+    for k in range(1, factor):
+        cells += columns[..., k::factor, :]
+    return cells
 
 
 def fill_missing_boxes(boxes: np.ndarray) -> tuple[np.ndarray, float]:

@@ -9,6 +9,7 @@ import logging
 from typing import Any, Callable
 
 from model.storage import Storage
+from ray_jobs import shards as shard_tables
 from ray_jobs.training.config import TrainJobConfig
 
 __all__ = ["fit", "read_shards", "take_clip", "take_clips"]
@@ -31,9 +32,7 @@ def read_shards(data_uri: str, storage: Storage, split: str | None = "train", co
     wanted = None if columns is None else sorted(set(columns) | ({"split"} if split else set()))
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(paths, filesystem=fs)
-    if wanted is not None:
-        ds = ds.select_columns(wanted)
+    ds = shard_tables.read_dataset(paths, fs, wanted)
     if split is not None:
         ds = ds.filter(expr=col("split") == split)
         if wanted is not None and "split" not in columns:
@@ -48,7 +47,6 @@ def take_clips(data_uri: str, storage: Storage, split: str = "heldout", limit: i
     do not need a Ray Data execution, which costs 5-13 s of start-up on a 2-core machine.
     """
     import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  (registers Ray's tensor extension types for the shard columns)
 
     manifest = storage.read_json(storage.join(data_uri, "manifest.json"))
     fs, _ = storage.arrow_path(data_uri)
@@ -67,11 +65,7 @@ def take_clips(data_uri: str, storage: Storage, split: str = "heldout", limit: i
 
 def _table_rows(table) -> list[dict[str, Any]]:
     """Rows as dicts like Ray Data's `take()`: numpy arrays for tensor columns, Python scalars else."""
-    import pyarrow as pa
-
-    columns = {name: (column.combine_chunks().to_numpy(zero_copy_only=False)
-                      if isinstance(column.type, pa.ExtensionType) else column.to_pylist())
-               for name, column in zip(table.column_names, table.columns)}
+    columns = shard_tables.table_to_numpy(table)
     return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
 
 
