@@ -38,13 +38,13 @@ def _make_videos(root: Path, count: int, duration: float, size: int) -> Path:
     return root / "videos"
 
 
-def _decode_only(batch: dict, fps: float, size: int, clip_frames: int, stride: int) -> dict:
+def _decode_only(batch: dict, fps: float, size: int, clip_frames: int, stride: int, threads: int) -> dict:
     """The decode half of the pipeline alone: one ffmpeg run per file, count the clips it yields."""
     import numpy as np
 
     from model.media import decode_video
 
-    counts = [max(0, (len(decode_video(str(source), fps, (size, size))) - clip_frames) // stride + 1)
+    counts = [max(0, (len(decode_video(str(source), fps, (size, size), threads=threads)) - clip_frames) // stride + 1)
               for source in batch["source"]]
     return {"clips": np.asarray(counts)}
 
@@ -59,7 +59,8 @@ def _time_decode(files: list[str], cfg) -> tuple[float, int]:
     with _data_context(cfg):
         ds = ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
         ds = ds.map_batches(_decode_only, batch_size=1, fn_kwargs={
-            "fps": cfg.fps, "size": cfg.width, "clip_frames": cfg.clip_frames, "stride": cfg.stride})
+            "fps": cfg.fps, "size": cfg.width, "clip_frames": cfg.clip_frames, "stride": cfg.stride,
+            "threads": cfg.ffmpeg_threads})
         clips = int(sum(row["clips"] for row in ds.take_all()))
     return time.perf_counter() - start, clips
 
@@ -107,33 +108,33 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int, size: int) -
             "median_ratio": statistics.median(t for t, _ in decode) / statistics.median(t for t, _ in pipeline)}
 
 
-def _stage_profile(videos: Path, size: int) -> dict:
-    """Milliseconds per video of each stage, in-process on one core (where the pipeline's time goes)."""
-    import numpy as np
-
+def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dict:
+    """Milliseconds per video of each step, in-process on one core, best of `repeats` (where the time goes)."""
     from model.media import decode_audio, decode_video, decode_video_and_audio
     from ray_jobs.preprocess import udfs
 
     source = sorted(videos.glob("*.mp4"))[0]
-    cfg = _job_config(videos, Path("unused"), size)
-    item = {"source": str(source), "sidecar": str(source.with_suffix(".json")), "size": 0, "mtime": 0}
-    timings: dict[str, float] = {}
+    cfg = _job_config(videos, work / "profile", size)
+    item = {"source": [str(source)], "sidecar": [str(source.with_suffix(".json"))], "size": [0], "mtime": [0]}
+    timings: dict[str, list[float]] = {}
 
     def timed(name, fn):
         start = time.perf_counter()
         out = fn()
-        timings[name] = round((time.perf_counter() - start) * 1000, 1)
+        timings.setdefault(name, []).append((time.perf_counter() - start) * 1000)
         return out
 
-    timed("ffmpeg_video_only", lambda: decode_video(source, cfg.fps, (cfg.width, cfg.height)))
-    timed("ffmpeg_audio_only", lambda: decode_audio(source))
-    timed("ffmpeg_video_and_audio_one_run", lambda: decode_video_and_audio(source, cfg.fps, (cfg.width, cfg.height)))
-    rows = timed("decode_clips_total", lambda: udfs.decode_clips(item, cfg))
-    batch = {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray)
-             else np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
-    for stage in udfs.CPU_STAGES:
-        batch = timed(stage.__name__, lambda: stage(batch, cfg))
-    return {"clips": len(rows), "ms": timings}
+    threads = cfg.ffmpeg_threads
+    for _ in range(repeats):
+        timed("ffmpeg_video_only", lambda: decode_video(source, cfg.fps, (cfg.width, cfg.height), threads=threads))
+        timed("ffmpeg_audio_only", lambda: decode_audio(source, threads=threads))
+        timed("ffmpeg_video_and_audio_one_run",
+              lambda: decode_video_and_audio(source, cfg.fps, (cfg.width, cfg.height), threads=threads))
+        batch = timed("decode_clips_total", lambda: udfs.decode_clip_batch(item, cfg))
+        for stage in udfs.CPU_STAGES:
+            batch = timed(stage.__name__, lambda: stage(batch, cfg))
+        timed("write_shard", lambda: udfs.write_shard(batch, cfg, str(work / "profile")))
+    return {"clips": len(batch["clip_index"]), "ms": {k: round(min(v), 1) for k, v in timings.items()}}
 
 
 def _goal(name: str, value: float, target: float, unit: str = "x") -> dict:
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
         videos = _make_videos(work / "synthetic", args.videos, args.duration, args.size)
-        profile = _stage_profile(videos, args.size)
+        profile = _stage_profile(videos, args.size, work)
         load_before = os.getloadavg()
         one, two = (_measure(n, videos, work, args.repeats, args.size) for n in (1, 2))
         load_after = os.getloadavg()

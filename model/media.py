@@ -111,10 +111,19 @@ def _probe_container(container) -> MediaInfo:
                      rotation=rotation, num_frames=num_frames)
 
 
-def _run(stream, path, input_bytes: bytes | None = None) -> bytes:
-    """Run an ffmpeg-python graph with the bundled binary; ffmpeg failures become MediaError."""
+def _input(path, threads: int):
+    """ffmpeg-python input node; `threads` > 0 caps the decoder's threads (0: ffmpeg's choice)."""
+    return ffmpeg.input(str(path), **({"threads": threads} if threads else {}))
+
+
+def _run(stream, path, input_bytes: bytes | None = None, threads: int = 0) -> bytes:
+    """Run an ffmpeg-python graph with the bundled binary; ffmpeg failures become MediaError.
+
+    `threads` > 0 caps the filter graph's threads too (the decoder's are capped by `_input`).
+    """
+    extra = ("-filter_threads", str(threads)) if threads else ()
     try:
-        out, _ = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").run(
+        out, _ = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error", *extra).run(
             cmd=ffmpeg_exe(), input=input_bytes, capture_stdout=True, capture_stderr=True)
     except ffmpeg.Error as exc:
         lines = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
@@ -157,22 +166,25 @@ def _wave_from_raw(raw: bytes, channels: int, path) -> np.ndarray:
 
 
 def decode_video(path: str | os.PathLike, fps: float, size: tuple[int, int],
-                 fit: Literal["crop", "pad"] = "crop", info: MediaInfo | None = None) -> np.ndarray:
+                 fit: Literal["crop", "pad"] = "crop", info: MediaInfo | None = None, threads: int = 0) -> np.ndarray:
     """Decode to uint8 (T, H, W, 3) RGB at `fps` and size (W, H), upright (rotation applied).
 
     `fit="crop"` scales so the frame covers (W, H) and center-crops the excess;
     `fit="pad"` scales so the frame fits inside (W, H) and pads with black bars, centred.
-    `info` is the file's `probe` result when the caller already has it.
+    `info` is the file's `probe` result when the caller already has it. `threads` > 0 caps ffmpeg's
+    threads (decoder and filters): batch jobs that run one decode per core want 1, since ffmpeg's
+    default of one thread per core oversubscribes the cores when decodes run side by side.
     """
     info = info or probe(path)
     if not info.has_video:
         raise MediaError("no video stream", path)
-    node = _video_graph(ffmpeg.input(str(path)).video, fps, size, fit)
-    raw = _run(node.output("pipe:", format="rawvideo", pix_fmt="rgb24"), path)
+    node = _video_graph(_input(path, threads).video, fps, size, fit)
+    raw = _run(node.output("pipe:", format="rawvideo", pix_fmt="rgb24"), path, threads=threads)
     return _frames_from_raw(raw, info, fps, size, path)
 
 
-def decode_audio(path: str | os.PathLike, sample_rate: int = 16000, info: MediaInfo | None = None) -> np.ndarray:
+def decode_audio(path: str | os.PathLike, sample_rate: int = 16000, info: MediaInfo | None = None,
+                 threads: int = 0) -> np.ndarray:
     """Decode the first audio stream to float32 mono (N,) at `sample_rate`, any rate/layout in.
 
     Channels are averaged here rather than by ffmpeg's `-ac 1`, whose downmix adds +3 dB to a
@@ -182,14 +194,15 @@ def decode_audio(path: str | os.PathLike, sample_rate: int = 16000, info: MediaI
     if not info.has_audio:
         raise MediaError("no audio stream", path)
     channels = max(info.audio_channels, 1)
-    node = ffmpeg.input(str(path)).audio
-    raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate), path)
+    node = _input(path, threads).audio
+    raw = _run(node.output("pipe:", format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate), path,
+               threads=threads)
     return _wave_from_raw(raw, channels, path)
 
 
 def decode_video_and_audio(path: str | os.PathLike, fps: float, size: tuple[int, int],
                            fit: Literal["crop", "pad"] = "crop", sample_rate: int = 16000,
-                           info: MediaInfo | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                           info: MediaInfo | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """`decode_video` and `decode_audio` in one ffmpeg run (one process, one demux); audio None if absent.
 
     The video goes to stdout and the audio to a temporary file (two pipes from one ffmpeg-python
@@ -200,14 +213,14 @@ def decode_video_and_audio(path: str | os.PathLike, fps: float, size: tuple[int,
     if not info.has_video:
         raise MediaError("no video stream", path)
     if not info.has_audio:
-        return decode_video(path, fps, size, fit, info), None
+        return decode_video(path, fps, size, fit, info, threads), None
     channels = max(info.audio_channels, 1)
-    source = ffmpeg.input(str(path))
+    source = _input(path, threads)
     video_out = _video_graph(source.video, fps, size, fit).output("pipe:", format="rawvideo", pix_fmt="rgb24")
     with tempfile.TemporaryDirectory(prefix="decode-") as tmp:
         audio_file = Path(tmp) / "audio.f32"
         audio_out = source.audio.output(str(audio_file), format="f32le", acodec="pcm_f32le", ac=channels, ar=sample_rate)
-        raw = _run(ffmpeg.merge_outputs(video_out, audio_out), path)
+        raw = _run(ffmpeg.merge_outputs(video_out, audio_out), path, threads=threads)
         wave = _wave_from_raw(audio_file.read_bytes(), channels, path)
     return _frames_from_raw(raw, info, fps, size, path), wave
 

@@ -114,6 +114,13 @@ def test_one_run_decode_equals_the_two_decodes(clip, tmp_path, fit):
     assert wave is None and frames.shape == (8, 32, 32, 3)
 
 
+def test_one_thread_decodes_the_same_as_ffmpegs_default(clip):
+    frames, wave = decode_video_and_audio(clip, 12, (48, 40), "crop", sample_rate=22050, threads=1)
+    default_frames, default_wave = decode_video_and_audio(clip, 12, (48, 40), "crop", sample_rate=22050)
+    assert np.array_equal(frames, default_frames) and np.array_equal(wave, default_wave)
+    assert np.array_equal(decode_video(clip, 8, (32, 32), threads=1), decode_video(clip, 8, (32, 32)))
+
+
 def test_media_errors(clip, tmp_path):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")

@@ -103,6 +103,9 @@ class PreprocessConfig(StrictConfig):
     shard_compression: Literal["lz4", "zstd", "snappy", "none"] = Field(
         "lz4", description="Parquet codec of the shards; tensor columns are written without dictionary encoding "
         "(on uint8 pixels it cost more time than it saved: lz4 37 ms vs default 56 ms per 16-clip shard)")
+    ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg decode (0 = ffmpeg's default, one per "
+                                "core): each Ray task holds one CPU, so one thread per decode keeps side-by-side "
+                                "decodes from oversubscribing the cores")
     videos_per_task: int = Field(1, ge=1, description="input videos per Ray Data task: each task decodes them "
                                  "and runs every CPU stage on their clips (1 = most parallelism)")
     reserve_operator_resources: bool = Field(False, description="Ray Data's per-operator resource reservation "

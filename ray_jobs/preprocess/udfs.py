@@ -167,12 +167,12 @@ def _decode_media(path: Path, cfg: PreprocessConfig):
     if info.has_audio:
         try:
             frames, wave = decode_video_and_audio(path, cfg.fps, (cfg.width, cfg.height), cfg.fit,
-                                                  cfg.audio.features.sample_rate, info)
+                                                  cfg.audio.features.sample_rate, info, cfg.ffmpeg_threads)
             return info, frames, wave
         except MediaError:
             pass  # attribute it below
     try:
-        frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit, info)
+        frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit, info, cfg.ffmpeg_threads)
     except MediaError as exc:
         raise StageError("decode", exc.reason) from exc
     return info, frames, _decode_wave(path, info, cfg)
@@ -185,7 +185,7 @@ def _decode_wave(path: Path, info, cfg: PreprocessConfig) -> np.ndarray | None:
             return None
         raise StageError("audio", "no audio stream (set audio.allow_silent=true to keep silent videos)")
     try:
-        return decode_audio(path, cfg.audio.features.sample_rate, info)
+        return decode_audio(path, cfg.audio.features.sample_rate, info, cfg.ffmpeg_threads)
     except MediaError as exc:
         raise StageError("audio", exc.reason) from exc
 
