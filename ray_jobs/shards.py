@@ -17,10 +17,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["TENSOR_DTYPE", "TENSOR_SHAPE", "table_from_columns", "tensor_column_schema", "table_to_numpy",
+__all__ = ["TENSOR_DTYPE", "TENSOR_SHAPE", "ENCODING", "table_from_columns", "tensor_column_schema", "table_to_numpy",
            "read_dataset"]
 
 TENSOR_DTYPE, TENSOR_SHAPE = b"tensor_dtype", b"tensor_shape"
+# Recorded in the preprocessing manifest; one output never mixes encodings (read_parquet needs one schema).
+ENCODING = "raw-bytes-tensors-v1"
 
 
 def _tensor_column(name: str, values: np.ndarray):
@@ -63,10 +65,19 @@ def tensor_column_schema(schema, columns: Sequence[str] | None = None) -> dict[s
 
 
 def table_to_numpy(table) -> dict[str, Any]:
-    """Shard table -> {column: (N, *shape) ndarray for tensor columns, Python list otherwise}."""
+    """Shard table -> {column: (N, *shape) ndarray for tensor columns, Python list otherwise}.
+
+    Shards written before ENCODING hold Ray's tensor extension columns instead; they are read too
+    (as numpy) when Ray Data is imported, which registers those types.
+    """
+    import pyarrow as pa
+
     tensors = tensor_column_schema(table.schema)
     out: dict[str, Any] = {}
     for name, column in zip(table.column_names, table.columns):
+        if isinstance(column.type, pa.ExtensionType):
+            out[name] = column.combine_chunks().to_numpy(zero_copy_only=False)
+            continue
         if name not in tensors:
             out[name] = column.to_pylist()
             continue

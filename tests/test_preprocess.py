@@ -160,6 +160,7 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     assert not _read_errors(storage, output, "run-0002")
     manifest, ds = _read_shards(ray_local, storage, output)
     assert [r["run"] for r in manifest["runs"]] == ["run-0001", "run-0002"] and manifest["counts"]["clips"] == 4
+    assert manifest["shard_encoding"] == shards.ENCODING
     assert manifest["sources"][str(inputs / "good1.mp4")]["status"] == "ok"
     assert manifest["sources"][str(inputs / "empty.mp4")]["status"] == "failed"
     assert len(manifest["sources"][str(inputs / "good0.mp4")]["sha256"]) == 64

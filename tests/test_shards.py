@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from ray_jobs import shards
 
@@ -40,3 +41,25 @@ def test_non_contiguous_input_is_stored_in_c_order():
     frames = np.random.default_rng(1).integers(0, 256, (4, 2, 3, 3), dtype=np.uint8)
     table = shards.table_from_columns({"frames": frames[:, :, ::-1]})  # a reversed (non-contiguous) view
     np.testing.assert_array_equal(shards.table_to_numpy(table)["frames"], frames[:, :, ::-1])
+
+
+def test_shards_of_older_runs_with_ray_tensor_columns_still_read(tmp_path):
+    from ray.data.block import BlockAccessor  # also registers Ray's tensor types for the read below
+
+    frames = np.random.default_rng(2).integers(0, 256, (3, 2, 4, 4, 3), dtype=np.uint8)
+    old = BlockAccessor.batch_to_block({"frames": frames, "clip_index": np.arange(3)})
+    pq.write_table(old, tmp_path / "old.parquet")
+    back = shards.table_to_numpy(pq.read_table(tmp_path / "old.parquet"))
+    np.testing.assert_array_equal(back["frames"], frames)
+    assert back["clip_index"] == [0, 1, 2]
+
+
+def test_an_output_never_mixes_tensor_encodings():
+    from ray_jobs.preprocess import PreprocessConfig
+    from ray_jobs.preprocess.job import check_encoding
+
+    cfg = PreprocessConfig(input="in", output="out")
+    check_encoding(cfg, {"runs": []})  # fresh output
+    check_encoding(cfg, {"runs": [{"run": "run-0001"}], "shard_encoding": shards.ENCODING})
+    with pytest.raises(ValueError, match="fresh output"):
+        check_encoding(cfg, {"runs": [{"run": "run-0001"}]})  # written before the encoding was recorded

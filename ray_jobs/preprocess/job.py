@@ -24,10 +24,11 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from model.storage import Storage, StorageNotFoundError
+from ray_jobs import shards
 from ray_jobs.preprocess import udfs
 from ray_jobs.preprocess.config import VIDEO_EXTENSIONS, PreprocessConfig
 
-__all__ = ["run", "list_inputs", "plan_inputs", "check_compatible", "build_dataset", "MANIFEST_FILE"]
+__all__ = ["run", "list_inputs", "plan_inputs", "check_compatible", "check_encoding", "build_dataset", "MANIFEST_FILE"]
 
 log = logging.getLogger("ray_jobs.preprocess")
 
@@ -108,6 +109,14 @@ def check_compatible(cfg: PreprocessConfig, manifest: dict) -> None:
         if before != after:
             raise ValueError(f"{cfg.output} holds shards made with {dotted}={before!r}; this run has {after!r}. "
                              "Use a fresh output for a different geometry.")
+
+
+def check_encoding(cfg: PreprocessConfig, manifest: dict) -> None:
+    """Refuse to add shards to an output whose shards use another tensor encoding (`ray_jobs.shards`)."""
+    found = manifest.get("shard_encoding", "ray-tensor-extension")  # what runs before the field wrote
+    if manifest["runs"] and found != shards.ENCODING:
+        raise ValueError(f"{cfg.output} holds shards encoded as {found!r}; this version writes {shards.ENCODING!r} "
+                         "and one output cannot mix them. Use a fresh output (its shards stay readable).")
 
 
 def _next_run_name(storage: Storage, output: str, manifest: dict) -> str:
@@ -232,18 +241,19 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     if not pending and not changed:
         return _finish(cfg, {"run": None, "videos_ok": 0, "videos_failed": 0, "videos_partial": 0,
                              "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": []})
+    check_encoding(cfg, manifest)
     run_name = _next_run_name(storage, cfg.output, manifest)
     run_dir = storage.join(cfg.output, run_name)
     with _data_context(cfg):
         rows = _collect(build_dataset(cfg, pending, storage.join(run_dir, "shards"))) if pending else []
     entries = _source_entries(rows, pending, run_name)
     error_count = _write_errors(storage, storage.join(run_dir, "errors.parquet"), entries, changed, rows)
-    shards = sorted({posixpath.join(run_name, "shards", r["shard"]) for r in rows if r["shard"]})
+    written = sorted({posixpath.join(run_name, "shards", r["shard"]) for r in rows if r["shard"]})
     statuses = Counter(e["status"] for e in entries.values())
     summary = {"run": run_name, "videos_ok": statuses["ok"], "videos_failed": statuses["failed"] + len(changed),
                "videos_partial": statuses["partial"], "videos_skipped": len(skipped),
                "clips_written": sum(e["clips"] for e in entries.values()), "error_rows": error_count,
-               "shards": shards}
+               "shards": written}
     _update_manifest(storage, cfg, manifest, entries, summary, started)
     return _finish(cfg, summary)
 
@@ -260,6 +270,7 @@ def _update_manifest(storage: Storage, cfg: PreprocessConfig, manifest: dict, en
     manifest["sources"].update(entries)
     manifest["shards"] = sorted(set(manifest["shards"]) | set(summary["shards"]))
     manifest["config"] = cfg.model_dump(mode="json")
+    manifest["shard_encoding"] = shards.ENCODING
     manifest["schema"] = _schema_doc(cfg)
     statuses = Counter(e["status"] for e in manifest["sources"].values())
     manifest["counts"] = {"videos": len(manifest["sources"]), **{f"videos_{k}": v for k, v in statuses.items()},

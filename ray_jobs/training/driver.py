@@ -47,6 +47,7 @@ def take_clips(data_uri: str, storage: Storage, split: str = "heldout", limit: i
     do not need a Ray Data execution, which costs 5-13 s of start-up on a 2-core machine.
     """
     import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers Ray's tensor types, which shards of older runs use)
 
     manifest = storage.read_json(storage.join(data_uri, "manifest.json"))
     fs, _ = storage.arrow_path(data_uri)
