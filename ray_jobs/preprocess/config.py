@@ -101,8 +101,9 @@ class PreprocessConfig(StrictConfig):
                                 "|f_t - f_t+-1| in [0, 1] intensity exceeds this")
     shard_clips: int = Field(64, ge=1, description="clips per Parquet shard (at most)")
     shard_compression: Literal["lz4", "zstd", "snappy", "none"] = Field(
-        "lz4", description="Parquet codec of the shards; tensor columns are written without dictionary encoding "
-        "(on uint8 pixels it cost more time than it saved: lz4 37 ms vs default 56 ms per 16-clip shard)")
+        "lz4", description="Parquet codec of the shards (tensor columns are raw bytes, never dictionary-encoded). "
+        "16-clip shard write with fsync: at 64x64 lz4 ~ none ~ 11 ms (lz4 file 2.3x smaller), zstd 17 ms; "
+        "at 256x256 lz4 100 ms, snappy 76, zstd 79 (smallest), none 146 (disk-bound)")
     ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg decode (0 = ffmpeg's default, one per "
                                 "core): each Ray task holds one CPU, so one thread per decode keeps side-by-side "
                                 "decodes from oversubscribing the cores")
