@@ -363,6 +363,8 @@ def write_shard(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: 
     shard = np.full(len(batch["error_stage"]), "", dtype=object)
     for start in range(0, len(good), cfg.shard_clips):
         rows = good[start:start + cfg.shard_clips]
+        if rows[-1] - rows[0] + 1 == len(rows):  # a run of good rows: a view, not a copy of the pixels
+            rows = slice(rows[0], rows[-1] + 1)
         shard[rows] = _write_one_shard({c: np.asarray(batch[c])[rows] for c in columns}, cfg, shard_dir)
     return {**{c: batch[c] for c in SUMMARY_COLUMNS if c != "shard"}, "shard": shard}
 
