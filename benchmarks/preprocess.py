@@ -6,9 +6,10 @@ Goals (issue 4), measured in one run on the same synthetic files:
 - pipeline clips/s on 2 CPUs >= 1.7x on 1 CPU.
 Each configuration gets one untimed warm-up (worker start-up, imports) and then `--repeats` timed
 runs of each, decode and pipeline interleaved; the goals use the best of each (interference on a
-shared machine only ever adds time), with every raw time and the ratio of medians recorded too. The N-CPU runs pin the whole local Ray (raylet and
-workers inherit the driver's CPU affinity) to N cores: `num_cpus` alone only limits Ray's task
-slots, while ffmpeg's own threads would still spread over every core. The default workload (16
+shared machine only ever adds time), with every raw time and the ratio of medians recorded too.
+The N-CPU runs pin the whole local Ray (raylet and workers inherit the driver's CPU affinity) to N
+cores: `num_cpus` alone only limits Ray's task slots, while ffmpeg's own threads would still spread
+over every core. The default workload (16
 videos x 8 s = 256 clips) is sized so steady-state throughput, not Ray start-up, is measured.
 The machine's load average is recorded too: on a shared machine the figures are only as good as
 the idle cores.
@@ -92,7 +93,7 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int, size: int) -
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         _time_decode(files[:2], cfg)
-        _time_pipeline(cfg.model_copy(update={"input": str(videos)}), work / "warm")
+        _time_pipeline(cfg, work / "warm")
         decode, pipeline = [], []
         for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
             decode.append(_time_decode(files, cfg))
