@@ -12,9 +12,12 @@ cores: `num_cpus` alone only limits Ray's task slots, while ffmpeg's own threads
 over every core. The default workload (16
 videos x 8 s = 256 clips) is sized so steady-state throughput, not Ray start-up, is measured.
 The machine's load average is recorded too: on a shared machine the figures are only as good as
-the idle cores.
+the idle cores. Where the time goes is recorded twice: in-process per step on one core (best of 3),
+and inside the 2-CPU pipeline runs themselves (the job's own `stage_seconds`, per video).
+`--source-size` makes the synthetic sources larger than the shards (real footage is), which moves
+the balance towards decoding; the tiny default has sources and shards both 64x64.
 
-    python benchmarks/preprocess.py [--videos 16 --duration 8 --repeats 5]
+    python benchmarks/preprocess.py [--videos 16 --duration 8 --repeats 5 --size 64 --source-size 64]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _decode_only(batch: dict, fps: float, size: int, clip_frames: int, stride: i
 
 
 def _time_decode(files: list[str], cfg) -> tuple[float, int]:
-    """The baseline: the job's stream shape (one task per video) and Ray Data settings, decoding only."""
+    """The baseline: the job's stream shape (`videos_per_task` per task) and Ray Data settings, decoding only."""
     import ray
 
     from ray_jobs.preprocess.job import _data_context
@@ -59,20 +62,21 @@ def _time_decode(files: list[str], cfg) -> tuple[float, int]:
     start = time.perf_counter()
     with _data_context(cfg):
         ds = ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
-        ds = ds.map_batches(_decode_only, batch_size=1, fn_kwargs={
+        ds = ds.map_batches(_decode_only, batch_size=cfg.videos_per_task, fn_kwargs={
             "fps": cfg.fps, "size": cfg.width, "clip_frames": cfg.clip_frames, "stride": cfg.stride,
             "threads": cfg.ffmpeg_threads})
         clips = int(sum(row["clips"] for row in ds.take_all()))
     return time.perf_counter() - start, clips
 
 
-def _time_pipeline(cfg, output: Path) -> tuple[float, int]:
+def _time_pipeline(cfg, output: Path) -> tuple[float, int, dict[str, float]]:
+    """(seconds, clips written, the job's task seconds per step) of one run into a fresh output."""
     from ray_jobs.preprocess import run
 
     shutil.rmtree(output, ignore_errors=True)
     start = time.perf_counter()
     summary = run(cfg.model_copy(update={"output": str(output)}))
-    return time.perf_counter() - start, summary["clips_written"]
+    return time.perf_counter() - start, summary["clips_written"], summary["stage_seconds"]
 
 
 def _job_config(videos: Path, output: Path, size: int):
@@ -102,11 +106,17 @@ def _measure(num_cpus: int, videos: Path, work: Path, repeats: int, size: int) -
         ray.shutdown()
         os.sched_setaffinity(0, all_cores)
     clips = pipeline[0][1]
-    assert all(c == clips for _, c in decode + pipeline), "decode and pipeline must see the same clips"
+    assert all(c == clips for _, c in decode) and all(p[1] == clips for p in pipeline), "same clips expected"
     return {"num_cpus": num_cpus, "clips": clips, "decode_s": [t for t, _ in decode],
-            "pipeline_s": [t for t, _ in pipeline], "decode_clips_per_s": clips / min(t for t, _ in decode),
-            "pipeline_clips_per_s": clips / min(t for t, _ in pipeline),
-            "median_ratio": statistics.median(t for t, _ in decode) / statistics.median(t for t, _ in pipeline)}
+            "pipeline_s": [p[0] for p in pipeline], "decode_clips_per_s": clips / min(t for t, _ in decode),
+            "pipeline_clips_per_s": clips / min(p[0] for p in pipeline),
+            "median_ratio": statistics.median(t for t, _ in decode) / statistics.median(p[0] for p in pipeline),
+            "in_task_ms_per_video": _per_video_ms([p[2] for p in pipeline], len(files))}
+
+
+def _per_video_ms(runs: list[dict[str, float]], videos: int) -> dict[str, float]:
+    """Median over runs of each step's task seconds (the job's `stage_seconds`), as ms per video."""
+    return {step: round(statistics.median(r[step] for r in runs) * 1000 / videos, 1) for step in runs[0]}
 
 
 def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dict:
@@ -147,13 +157,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per synthetic video")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--size", type=int, default=64, help="frame side of the synthetic videos and the shards")
+    parser.add_argument("--size", type=int, default=64, help="frame side of the shards")
+    parser.add_argument("--source-size", type=int, default=None, help="frame side of the synthetic videos "
+                        "(default: --size)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per Ray task: no hidden BLAS threads
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
-        videos = _make_videos(work / "synthetic", args.videos, args.duration, args.size)
+        source_size = args.source_size or args.size
+        videos = _make_videos(work / "synthetic", args.videos, args.duration, source_size)
         profile = _stage_profile(videos, args.size, work)
         load_before = os.getloadavg()
         one, two = (_measure(n, videos, work, args.repeats, args.size) for n in (1, 2))
@@ -166,7 +179,8 @@ def main(argv=None) -> dict:
         "cpu1": one, "cpu2": two, "stage_profile_one_video": profile,
         "pipeline_vs_decode_1cpu": one["pipeline_clips_per_s"] / one["decode_clips_per_s"],
         "decode_scaling_2cpu_vs_1cpu": two["decode_clips_per_s"] / one["decode_clips_per_s"],
-        "setup": {"videos": args.videos, "duration_s": args.duration, "size": f"{args.size}x{args.size}", "fps": 16,
+        "setup": {"videos": args.videos, "duration_s": args.duration, "size": f"{args.size}x{args.size}",
+                  "source_size": f"{source_size}x{source_size}", "fps": 16,
                   "clip_frames": 8, "stride": 8, "vae": False, "repeats": args.repeats,
                   "host_cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
     }

@@ -22,6 +22,7 @@ from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
 from ray_jobs import shards
 from ray_jobs.preprocess import PreprocessConfig, main, run
 from ray_jobs.preprocess import stages
+from ray_jobs.preprocess import udfs
 from ray_jobs.preprocess.udfs import add_face_track
 from ray_jobs.preprocess.pose import OnnxPoseExtractor, decode_heatmaps, decode_simcc
 from ray_jobs.synthetic import SyntheticConfig, generate_video, sidecar_json
@@ -38,6 +39,8 @@ BAD = {
     "bad_sidecar": ("sidecar", "unreadable sidecar"),
     "silent": ("audio", "no audio stream"),
 }
+# Steps timed in every run without the VAE, in pipeline order (`summary["stage_seconds"]`).
+CPU_STEPS = ("decode", "audio_features", "pose", "face_track", "motion_mask", "write_shard")
 SCHEMA = {  # column -> (dtype, per-row shape) of docs/design.md at the tiny geometry
     "frames": (np.uint8, (T, SIZE, SIZE, 3)), "ref_frame": (np.uint8, (SIZE, SIZE, 3)),
     "keypoints": (np.float32, (T, 17, 3)), "pose": (np.uint8, (T, SIZE, SIZE, 3)),
@@ -148,6 +151,7 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     shutil.copytree(videos, inputs, ignore=shutil.ignore_patterns("good1.*"))  # good1 arrives later
     first = run(_config(str(inputs), output))
     assert (first["videos_ok"], first["videos_failed"], first["clips_written"]) == (1, len(BAD), 2)
+    assert list(first["stage_seconds"]) == list(CPU_STEPS) and all(v > 0 for v in first["stage_seconds"].values())
     errors = {Path(e["source"]).stem: e for e in _read_errors(storage, output, "run-0001")}
     assert set(errors) == set(BAD)
     for name, (stage, reason) in BAD.items():
@@ -160,6 +164,7 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     assert not _read_errors(storage, output, "run-0002")
     manifest, ds = _read_shards(ray_local, storage, output)
     assert [r["run"] for r in manifest["runs"]] == ["run-0001", "run-0002"] and manifest["counts"]["clips"] == 4
+    assert manifest["runs"][0]["stage_seconds"] == first["stage_seconds"]
     assert manifest["shard_encoding"] == shards.ENCODING
     assert manifest["sources"][str(inputs / "good1.mp4")]["status"] == "ok"
     assert manifest["sources"][str(inputs / "empty.mp4")]["status"] == "failed"
@@ -196,6 +201,8 @@ def test_s3_run_with_silent_allowed_and_vae(ray_local, videos, s3_bucket, storag
                   vae={"enabled": True, "path": str(tiny_vae), "batch_size": 4})
     summary = run(cfg)
     assert (summary["videos_ok"], summary["videos_failed"], summary["clips_written"]) == (3, len(BAD) - 1, 6)
+    steps = summary["stage_seconds"]  # the VAE actors' time too, carried through the re-batching
+    assert list(steps) == [*CPU_STEPS[:-1], "vae", "write_shard"] and all(v > 0 for v in steps.values())
     errors = {Path(e["source"]).stem: e["stage"] for e in _read_errors(storage, output, "run-0001")}
     assert errors == {name: stage for name, (stage, _) in BAD.items() if name != "silent"}
     manifest, ds = _read_shards(ray_local, storage, output)
@@ -212,6 +219,27 @@ def test_s3_run_with_silent_allowed_and_vae(ray_local, videos, s3_bucket, storag
         np.testing.assert_allclose(row["face_latents"], vae.encode(row["face_crops"][None])[0].numpy(), atol=1e-4)
     before = _listing(storage, output)
     assert run(cfg)["clips_written"] == 0 and _listing(storage, output) == before
+
+
+def test_step_timings_account_for_the_task_and_sum_over_rows(videos, tmp_path):
+    """Each step's seconds are spread over the task's rows; their sum is (nearly) the task's wall time."""
+    import time
+
+    cfg = _config(str(videos), str(tmp_path))
+    names = ["good0", "garbage", "good1"]  # an error row takes its share too
+    batch = {"source": np.array([str(videos / f"{n}.mp4") for n in names], object),
+             "sidecar": np.array([str(videos / f"{n}.json") if n != "garbage" else "" for n in names], object),
+             "size": np.zeros(3, np.int64), "mtime": np.zeros(3, np.int64)}
+    start = time.perf_counter()
+    summary = udfs.process_videos(batch, cfg, str(tmp_path))
+    wall = time.perf_counter() - start
+    assert list(summary["error_stage"]) == ["", "", "probe", "", ""]
+    columns = [c for c in summary if c.startswith(udfs.TIMING_PREFIX)]
+    assert [c.removeprefix(udfs.TIMING_PREFIX) for c in columns] == list(CPU_STEPS)
+    for column in columns:  # one value per row, all equal within the task
+        assert summary[column].shape == (5,) and np.ptp(summary[column]) == 0 and summary[column][0] > 0
+    timed = sum(summary[c].sum() for c in columns)
+    assert 0.9 * wall <= timed <= wall
 
 
 def test_motion_mask_marks_both_neighbours_and_pools():

@@ -240,7 +240,8 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
              len(items), cfg.input, len(pending), len(skipped), len(changed))
     if not pending and not changed:
         return _finish(cfg, {"run": None, "videos_ok": 0, "videos_failed": 0, "videos_partial": 0,
-                             "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": []})
+                             "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": [],
+                             "stage_seconds": {}})
     check_encoding(cfg, manifest)
     run_name = _next_run_name(storage, cfg.output, manifest)
     run_dir = storage.join(cfg.output, run_name)
@@ -253,7 +254,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
     summary = {"run": run_name, "videos_ok": statuses["ok"], "videos_failed": statuses["failed"] + len(changed),
                "videos_partial": statuses["partial"], "videos_skipped": len(skipped),
                "clips_written": sum(e["clips"] for e in entries.values()), "error_rows": error_count,
-               "shards": written}
+               "shards": written, "stage_seconds": _stage_seconds(rows)}
     _update_manifest(storage, cfg, manifest, entries, summary, started)
     return _finish(cfg, summary)
 
@@ -266,7 +267,8 @@ def _update_manifest(storage: Storage, cfg: PreprocessConfig, manifest: dict, en
         "run": run_name, "started": _iso(started), "finished": _iso(time.time()),
         "config": cfg.model_dump(mode="json"), "shards": summary["shards"],
         "errors": posixpath.join(run_name, "errors.parquet"),
-        "counts": {k: v for k, v in summary.items() if k not in ("run", "shards")}})
+        "counts": {k: v for k, v in summary.items() if k not in ("run", "shards", "stage_seconds")},
+        "stage_seconds": summary["stage_seconds"]})
     manifest["sources"].update(entries)
     manifest["shards"] = sorted(set(manifest["shards"]) | set(summary["shards"]))
     manifest["config"] = cfg.model_dump(mode="json")
@@ -298,6 +300,17 @@ def _schema_doc(cfg: PreprocessConfig) -> dict[str, str]:
     return doc
 
 
+def _stage_seconds(rows: list[dict]) -> dict[str, float]:
+    """Task seconds per step summed over the run (`udfs.TIMING_PREFIX` columns), in pipeline order."""
+    totals: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(udfs.TIMING_PREFIX) and value is not None:
+                step = key[len(udfs.TIMING_PREFIX):]
+                totals[step] = totals.get(step, 0.0) + value
+    return {step: round(seconds, 4) for step, seconds in totals.items()}
+
+
 def _iso(stamp: float) -> str:
     return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -306,6 +319,10 @@ def _finish(cfg: PreprocessConfig, summary: dict) -> dict:
     line = (f"preprocess {cfg.output}: videos ok {summary['videos_ok']}, failed {summary['videos_failed']}, "
             f"partial {summary['videos_partial']}, skipped {summary['videos_skipped']}; "
             f"clips written {summary['clips_written']}; error rows {summary['error_rows']}")
+    steps = summary["stage_seconds"]
+    if steps:  # where the workers' time went: the step to optimise first
+        total = sum(steps.values()) or 1.0
+        line += "\ntask time by step: " + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in steps.items())
     log.info(line)
     print(line, flush=True)
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from ray_jobs import shards
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
-__all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "decode_clips", "decode_clip_batch", "error_row",
+__all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "TIMING_PREFIX", "decode_clips", "decode_clip_batch", "error_row",
            "add_audio_features", "add_pose", "add_face_track", "add_motion_mask", "CPU_STAGES", "process_videos",
            "VaeEncoder", "write_shard"]
 
@@ -36,9 +37,13 @@ SHARD_COLUMNS: tuple[str, ...] = (
     "frames", "ref_frame", "keypoints", "pose", "audio", "audio_feats", "has_audio",
     "face_boxes", "face_crops", "has_face", "motion_mask", "mouth_openness")
 LATENT_COLUMNS: tuple[str, ...] = ("latents", "ref_latent", "face_latents")
-# One summary row per stream row comes back to the driver (no tensors).
+# One summary row per stream row comes back to the driver (no tensors), plus the timing columns.
 SUMMARY_COLUMNS: tuple[str, ...] = ("source", "video_id", "clip_index", "source_sha256", "error_stage",
                                     "error_reason", "shard")
+# Seconds each task spent in a step ("decode", "pose", ... "write_shard"), in a float column
+# f"{TIMING_PREFIX}{step}" spread evenly over the task's rows: the driver's sum over all rows is then
+# the job's time in that step, however Ray Data re-batches rows in between (the VAE path does).
+TIMING_PREFIX = "seconds_"
 
 
 class StageError(Exception):
@@ -145,7 +150,7 @@ def _read_sidecar(storage: Storage, uri: str) -> dict:
         return {}
     try:
         data = storage.read_json(uri)
-    except (StorageError, UnicodeDecodeError) as exc:
+    except StorageError as exc:
         raise StageError("sidecar", f"unreadable sidecar {uri}: {exc}") from exc
     if not isinstance(data, dict):
         raise StageError("sidecar", f"sidecar {uri} is not a JSON object")
@@ -342,10 +347,12 @@ class VaeEncoder:
         return out
 
     def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
         good = batch["error_stage"].astype(object) == ""
         batch["latents"] = self._encode(np.asarray(batch["frames"]), good)
         batch["ref_latent"] = self._encode(np.asarray(batch["ref_frame"])[:, None], good)
         batch["face_latents"] = self._encode(np.asarray(batch["face_crops"]), good)
+        _add_seconds(batch, "vae", time.perf_counter() - start)
         return batch
 
 
@@ -358,6 +365,7 @@ def write_shard(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: 
     because the same pass must also split off the error rows and report which clips landed where,
     and because tensor columns go to Parquet as raw bytes (`ray_jobs.shards`: 15x faster to encode).
     """
+    began = time.perf_counter()
     good = np.flatnonzero(batch["error_stage"].astype(object) == "")
     columns = SHARD_COLUMNS + (LATENT_COLUMNS if cfg.vae.enabled else ())
     shard = np.full(len(batch["error_stage"]), "", dtype=object)
@@ -366,7 +374,10 @@ def write_shard(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: 
         if rows[-1] - rows[0] + 1 == len(rows):  # a run of good rows: a view, not a copy of the pixels
             rows = slice(rows[0], rows[-1] + 1)
         shard[rows] = _write_one_shard({c: np.asarray(batch[c])[rows] for c in columns}, cfg, shard_dir)
-    return {**{c: batch[c] for c in SUMMARY_COLUMNS if c != "shard"}, "shard": shard}
+    summary = {**{c: batch[c] for c in SUMMARY_COLUMNS if c != "shard"}, "shard": shard,
+               **{c: batch[c] for c in batch if c.startswith(TIMING_PREFIX)}}
+    _add_seconds(summary, "write_shard", time.perf_counter() - began)
+    return summary
 
 
 def _write_one_shard(clips: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: str) -> str:
@@ -398,7 +409,17 @@ def process_videos(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_di
     into one task but still turns each op's output batch into an Arrow block and back (~2 ms per
     op per 8 s video at 64x64, a tenth of the job's CPU time).
     """
+    start = time.perf_counter()
     clips = decode_clip_batch(batch, cfg)
+    _add_seconds(clips, "decode", time.perf_counter() - start)
     for stage in CPU_STAGES:
+        start = time.perf_counter()
         clips = stage(clips, cfg)
+        _add_seconds(clips, stage.__name__.removeprefix("add_"), time.perf_counter() - start)
     return clips if shard_dir is None else write_shard(clips, cfg, shard_dir)
+
+
+def _add_seconds(batch: dict, step: str, seconds: float) -> None:
+    """Record a task's `seconds` in `step` as batch[TIMING_PREFIX + step], spread evenly over its rows."""
+    rows = len(batch["error_stage"])  # >= 1: every input yields a clip or an error row
+    batch[TIMING_PREFIX + step] = np.full(rows, seconds / rows)
