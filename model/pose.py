@@ -73,17 +73,23 @@ def render_pose_frame(keypoints: np.ndarray, height: int, width: int, conf_thres
     return canvas
 
 
-def render_pose(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3) -> np.ndarray:
+def render_pose(keypoints: np.ndarray, height: int, width: int, conf_threshold: float = 0.3,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Render COCO-17 keypoints (T, 17, 3) [x, y, conf] in pixels to skeleton maps uint8 (T, H, W, 3).
 
-    Joints with conf < conf_threshold, and limbs touching them, are not drawn.
+    Joints with conf < conf_threshold, and limbs touching them, are not drawn. `out`: a zero-filled
+    C-contiguous uint8 (T, H, W, 3) array to draw into (e.g. a row of a batch from `np.zeros`)
+    instead of a new one; it is not cleared here, since that would touch every page again.
     """
     keypoints = np.asarray(keypoints, dtype=np.float64)
     if keypoints.ndim != 3 or keypoints.shape[1:] != (17, 3):
         raise ValueError(f"keypoints must be (T, 17, 3), got {keypoints.shape}")
     if not np.isfinite(keypoints[..., 2]).all():
         raise ValueError("keypoint confidences must be finite (use 0 for missing joints)")
-    frames = np.zeros((len(keypoints), height, width, 3), np.uint8)
+    shape = (len(keypoints), height, width, 3)
+    if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    frames = np.zeros(shape, np.uint8) if out is None else out
     for canvas, points, visible in zip(frames, *_fixed_point(keypoints, conf_threshold)):
         _draw_skeleton(canvas, points, visible)  # each frames[t] is a contiguous view cv2 draws into
     return frames

@@ -179,6 +179,11 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     on_disk = pq.read_schema(str(Path(output) / manifest["shards"][0]))
     assert shards.tensor_column_schema(on_disk) == {c: (np.dtype(d), s) for c, (d, s) in SCHEMA.items() if s}
     assert on_disk.field("frames").type.byte_width == T * SIZE * SIZE * 3
+    row_group = pq.read_metadata(str(Path(output) / manifest["shards"][0])).row_group(0)
+    min_max = {row_group.column(i).path_in_schema: (row_group.column(i).statistics or None) and
+               row_group.column(i).statistics.has_min_max for i in range(row_group.num_columns)}
+    assert min_max["clip_index"] and min_max["start_frame"]  # scalars keep min/max statistics
+    assert not any(min_max[c] for c in ("face_boxes", "mouth_openness", "keypoints", "frames"))  # tensors: none
     for row in rows:
         _check_clip(row, videos)
     before = _listing(storage, output)
@@ -251,6 +256,30 @@ def test_motion_mask_marks_both_neighbours_and_pools():
     assert mask[0, :, 1:, :].sum() == 0 and mask[0, :, :, 1:].sum() == 0
     frames[0, 2, 0, 0, 1] = 20  # below delta * 255 = 25.5
     assert stages.motion_mask(frames, delta=0.1, factor=4).sum() == 0
+
+
+def _motion_mask_reference(frames: np.ndarray, delta: float, factor: int) -> np.ndarray:
+    """The DanceLCM mask written plainly, whole clips at once in int16: the chunked stage must equal it."""
+    diff = np.abs(np.diff(frames.astype(np.int16), axis=1)).max(axis=-1) > np.floor(delta * 255.0)
+    moving = np.zeros(frames.shape[:-1], bool)
+    moving[:, :-1] |= diff
+    moving[:, 1:] |= diff
+    b, t, h, w = moving.shape
+    return moving.reshape(b, t, h // factor, factor, w // factor, factor).mean(axis=(3, 5), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape, factor", [((3, 5, 16, 24), 4), ((2, 1, 8, 8), 4), ((1, 9, 16, 32), 8),
+                                           ((2, 4, 32, 32), 16)])
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, 1 << 22])  # one frame, a few frames, everything per chunk
+def test_motion_mask_chunks_match_the_whole_clip_formula(shape, factor, chunk_bytes):
+    rng = np.random.default_rng(sum(shape))
+    frames = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    frames[:, :, : shape[2] // 2] = frames[:, :1, : shape[2] // 2]  # a still half, so not every pixel moves
+    frames[:, :, -2:] = np.clip(frames[:, :1, -2:].astype(int) + rng.integers(-12, 13, frames[:, :, -2:].shape),
+                                0, 255)  # +-12 around delta * 255 = 10.2: both sides of the threshold
+    mask = stages.motion_mask(frames, 0.04, factor, chunk_bytes=chunk_bytes)
+    np.testing.assert_array_equal(mask, _motion_mask_reference(frames, 0.04, factor))
+    assert mask.mean() < 1 and (mask.mean() > 0) == (shape[1] > 1)  # a one-frame clip has no neighbour
 
 
 def test_clip_starts_geometry_and_tracks():

@@ -141,6 +141,12 @@ def test_pose_rendering_of_sidecar_keypoints(world):
     hidden = keypoints.copy()
     hidden[..., 2] = 0.0
     assert render_pose(hidden, 64, 64).max() == 0
+    batch = np.zeros((2, 4, 64, 64, 3), np.uint8)  # drawing into a batch row gives the same maps
+    render_pose(keypoints, 64, 64, out=batch[1])
+    np.testing.assert_array_equal(batch[1], maps)
+    assert batch[0].max() == 0
+    with pytest.raises(ValueError, match="out must be"):
+        render_pose(keypoints, 64, 64, out=np.zeros((4, 64, 32, 3), np.uint8))
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):

@@ -226,8 +226,13 @@ def _track(values: Any, frame_shape: tuple[int, ...], src_fps: float, dst_fps: f
 
 
 # ------------------------------------------------------------------------------ per-clip stages
-def _for_each_clip(batch: dict, stage: str, column: str, shape: tuple, dtype, fn: Callable[[int], Any]) -> None:
-    """Fill batch[column] (B, *shape) with fn(i) for each good row; a raising row becomes an error row."""
+def _for_each_clip(batch: dict, stage: str, column: str, shape: tuple, dtype, fn: Callable[..., Any],
+                   in_place: bool = False) -> None:
+    """Fill batch[column] (B, *shape) per good row; a raising row becomes an error row (zeros).
+
+    `fn(i)` returns row i, or with `in_place` `fn(i, row)` fills the zero-filled row itself, which
+    saves a second array of the column's size and the copy (pose maps: ~100 MB per clip at 832x480).
+    """
     errors = batch["error_stage"].astype(object)
     reasons = batch["error_reason"].astype(object)
     out = np.zeros((len(errors), *shape), dtype)
@@ -235,8 +240,12 @@ def _for_each_clip(batch: dict, stage: str, column: str, shape: tuple, dtype, fn
         if errors[i]:
             continue
         try:
-            out[i] = fn(i)
+            if in_place:
+                fn(i, out[i])
+            else:
+                out[i] = fn(i)
         except Exception as exc:  # per-clip failure: keep the job going, record why
+            out[i] = 0  # an in-place fill may have stopped halfway; error rows carry zeros
             errors[i], reasons[i] = stage, f"{type(exc).__name__}: {exc}"
             log.warning("%s clip %s: %s failed: %s", batch["source"][i], batch["clip_index"][i], stage, exc)
     batch["error_stage"], batch["error_reason"], batch[column] = errors, reasons, out
@@ -260,12 +269,12 @@ def add_pose(batch: dict, cfg: PreprocessConfig) -> dict:
     """map_batches UDF: keypoints from the sidecar or the configured extractor; `pose` (B, T, H, W, 3)."""
     keypoints = np.array(batch["keypoints"], np.float32)
 
-    def pose(i: int) -> np.ndarray:
+    def pose(i: int, maps: np.ndarray) -> None:
         if not batch["has_keypoints"][i]:
             keypoints[i] = _extract_keypoints(batch["frames"][i], cfg)
-        return render_pose(keypoints[i], cfg.height, cfg.width, cfg.pose.render_conf_threshold)
+        render_pose(keypoints[i], cfg.height, cfg.width, cfg.pose.render_conf_threshold, out=maps)
 
-    _for_each_clip(batch, "pose", "pose", (cfg.clip_frames, cfg.height, cfg.width, 3), np.uint8, pose)
+    _for_each_clip(batch, "pose", "pose", (cfg.clip_frames, cfg.height, cfg.width, 3), np.uint8, pose, in_place=True)
     batch["keypoints"] = keypoints
     return batch
 
@@ -390,7 +399,10 @@ def _write_one_shard(clips: dict[str, np.ndarray], cfg: PreprocessConfig, shard_
     table = shards.table_from_columns(clips)
     sink = pa.BufferOutputStream()
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]  # dictionary-encode names, not pixels
-    pq.write_table(table, sink, compression=cfg.shard_compression, use_dictionary=strings)
+    # Min/max statistics for the scalar columns only: a tensor's raw-byte min/max filters nothing, and
+    # computing it copies whole values (one 81x480x832 clip: a 700 ms shard write, 120 ms without).
+    scalars = [f.name for f in table.schema if not pa.types.is_fixed_size_binary(f.type)]
+    pq.write_table(table, sink, compression=cfg.shard_compression, use_dictionary=strings, write_statistics=scalars)
     storage = Storage(cfg.storage)
     storage.write_bytes(storage.join(shard_dir, name), sink.getvalue().to_pybytes())
     return name
