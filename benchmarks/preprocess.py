@@ -185,7 +185,8 @@ def _machine_ceiling(videos: Path, size: int, work: Path, repeats: int) -> dict:
         for cores in (1, 2):
             barrier, results = ctx.Barrier(cores), ctx.Queue()
             procs = [ctx.Process(target=_ceiling_worker, args=(core, files[core::cores], size,
-                                 str(work / f"ceiling{rep}-{cores}-{core}"), barrier, results)) for core in range(cores)]
+                                                               str(work / f"ceiling{rep}-{cores}-{core}"), barrier,
+                                                               results)) for core in range(cores)]
             for proc in procs:
                 proc.start()
             times[cores].append(max(results.get() for _ in procs))

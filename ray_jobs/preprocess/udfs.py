@@ -25,9 +25,9 @@ from ray_jobs import shards
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
-__all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "TIMING_PREFIX", "decode_clips", "decode_clip_batch", "error_row",
-           "add_audio_features", "add_pose", "add_face_track", "add_motion_mask", "CPU_STAGES", "process_videos",
-           "VaeEncoder", "write_shard"]
+__all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "TIMING_PREFIX", "decode_clips",
+           "decode_clip_batch", "error_row", "add_audio_features", "add_pose", "add_face_track", "add_motion_mask",
+           "CPU_STAGES", "process_videos", "VaeEncoder", "write_shard"]
 
 log = logging.getLogger("ray_jobs.preprocess")
 
