@@ -11,8 +11,8 @@ The N-CPU runs pin the whole local Ray (raylet and workers inherit the driver's 
 cores: `num_cpus` alone only limits Ray's task slots, while ffmpeg's own threads would still spread
 over every core. The default workload (48 videos x 8 s = 768 clips) is sized so steady-state
 throughput, not Ray's per-run start and tail, is measured: those take ~0.1 s per run on 2 CPUs and
-do not parallelise, ~10% of a 16-video run (which gave 1.34-1.56x scaling on 2026-11-30, against
-1.84x at 48 videos on the same day) and ~4% here.
+do not parallelise, ~10% of a 16-video run and ~4% here (on 2026-11-30: 1.34-1.56x scaling in
+three 16-video runs, 1.56-1.90x in four 48-video runs).
 The machine's load average is recorded too: on a shared machine the figures are only as good as
 the idle cores. Where the time goes is recorded twice: in-process per step on one core (best of 3),
 and inside the 2-CPU pipeline runs themselves (the job's own `stage_seconds`, per video).
@@ -123,6 +123,14 @@ def _per_video_ms(runs: list[dict[str, float]], videos: int) -> dict[str, float]
     return {step: round(statistics.median(r[step] for r in runs) * 1000 / videos, 1) for step in runs[0]}
 
 
+def _input_batch(video: Path) -> dict:
+    """The one-video input batch `udfs.process_videos` gets from the job's listing (sidecar beside it)."""
+    import numpy as np
+
+    return {"source": np.array([str(video)], object), "sidecar": np.array([str(video.with_suffix(".json"))], object),
+            "size": np.zeros(1, np.int64), "mtime": np.zeros(1, np.int64)}
+
+
 def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dict:
     """Milliseconds per video of each step, in-process on one core, best of `repeats` (where the time goes)."""
     from model.media import decode_audio, decode_video, decode_video_and_audio
@@ -130,7 +138,7 @@ def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dic
 
     source = sorted(videos.glob("*.mp4"))[0]
     cfg = _job_config(videos, work / "profile", size)
-    item = {"source": [str(source)], "sidecar": [str(source.with_suffix(".json"))], "size": [0], "mtime": [0]}
+    item = _input_batch(source)
     timings: dict[str, list[float]] = {}
 
     def timed(name, fn):
@@ -154,14 +162,11 @@ def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dic
 
 def _ceiling_worker(core: int, files: list[str], size: int, out: str, barrier, results) -> None:
     """One plain process pinned to `core`: the job's per-video work (`udfs.process_videos`) over `files`."""
-    import numpy as np
-
     from ray_jobs.preprocess import udfs
 
     os.sched_setaffinity(0, [core])
     cfg = _job_config(Path(files[0]).parent, Path(out), size)
-    items = [{"source": np.array([f], object), "sidecar": np.array([f[:-4] + ".json"], object),
-              "size": np.zeros(1, np.int64), "mtime": np.zeros(1, np.int64)} for f in files]
+    items = [_input_batch(Path(f)) for f in files]
     udfs.process_videos(items[0], cfg, out + "-warm")  # imports, first-call costs
     barrier.wait()  # both processes start together, so they contend as Ray's two tasks do
     start = time.perf_counter()
@@ -173,8 +178,8 @@ def _ceiling_worker(core: int, files: list[str], size: int, out: str, barrier, r
 def _machine_ceiling(videos: Path, size: int, work: Path, repeats: int) -> dict:
     """The same per-video work without Ray: 1 process on one core vs 2 pinned processes, best of `repeats`.
 
-    What two cores of this machine give this work at best: cores that share caches and memory
-    bandwidth slow each other down, which no scheduler can undo.
+    What two cores of this machine give this work with no scheduler in the way: the reference for
+    the scaling goal (two busy cores share caches and memory bandwidth).
     """
     import multiprocessing
 
