@@ -75,9 +75,9 @@ def slice_audio(wave: np.ndarray, start_frame: int, clip_frames: int, fps: float
 
 
 # Frames per motion-mask chunk are sized to this many bytes, so every temporary (absolute
-# differences, per-pixel maxima, masks) stays in cache and under glibc's mmap threshold. Whole-clip
-# temporaries at the wan-1.3b geometry (81 x 480 x 832) are ~100 MB each, freshly mapped and
-# page-faulted on every call: 310-410 ms per clip inside the job against 85-97 ms chunked.
+# differences, per-pixel maxima, masks) stays a few MB. Whole-clip temporaries at the wan-1.3b
+# geometry (81 x 480 x 832) are ~100 MB each, fresh memory on every call: measured 310-410 ms per
+# clip inside the job against 85-97 ms chunked.
 _MASK_CHUNK_BYTES = 4 << 20
 
 
