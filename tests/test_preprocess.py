@@ -26,6 +26,7 @@ from ray_jobs.preprocess import udfs
 from ray_jobs.preprocess.udfs import add_face_track
 from ray_jobs.preprocess.pose import OnnxPoseExtractor, decode_heatmaps, decode_simcc
 from ray_jobs.synthetic import SyntheticConfig, generate_video, sidecar_json
+from ray_jobs.synthetic.faces import face_track_clip, frontal_face
 
 T, FPS, SIZE = 8, 16.0, 64
 GOOD = ("good0", "good1")  # 1 s each -> 16 frames -> 2 clips
@@ -307,10 +308,70 @@ def test_face_track_fill_smooth_crop_and_no_face():
     assert crops.shape == (1, 10, 10, 3) and crops.min() == 200  # exactly the box
     blank = np.zeros((2, 64, 64, 3), np.uint8)
     if hasattr(cv2, "CascadeClassifier"):  # OpenCV 4.x bundles the cascade
-        assert np.isnan(stages.detect_faces_haar(blank)).all()
+        boxes, searched = stages.detect_faces_haar(blank)
+        assert np.isnan(boxes).all() and searched.all()
     else:  # OpenCV 5 removed it: the face stage must say so (it becomes an error row, never silent)
         with pytest.raises(RuntimeError, match="no Haar cascades"):
             stages.detect_faces_haar(blank)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of (N, 4) boxes, row by row."""
+    inter = np.prod(np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None), axis=1)
+    return inter / (np.prod(a[:, 2:] - a[:, :2], axis=1) + np.prod(b[:, 2:] - b[:, :2], axis=1) - inter)
+
+
+haar = pytest.mark.skipif(not hasattr(cv2, "CascadeClassifier"), reason="OpenCV 5 has no Haar cascades")
+
+
+@haar
+@pytest.mark.parametrize("height,width", [(240, 416), (64, 64)])
+def test_haar_face_track_follows_a_moving_face(height, width):
+    frames, truth = face_track_clip(12, height, width)
+    whole, searched = stages.detect_faces_haar(frames, track_search=0)  # the whole frame, every frame
+    assert searched.all() and _iou(whole, truth).min() > 0.8  # the fixture is a face to the cascade
+    tracked, _ = stages.detect_faces_haar(frames)
+    assert _iou(tracked, whole).min() > 0.9  # searching near the last face finds the same face
+    sparse, searched = stages.detect_faces_haar(frames, every=4)
+    assert np.flatnonzero(searched).tolist() == [0, 4, 8, 11]
+    assert np.isnan(sparse[~searched]).all() and np.isfinite(sparse[searched]).all()
+    filled, found = stages.fill_missing_boxes(sparse)
+    assert found == pytest.approx(4 / 12) and _iou(filled, truth).min() > 0.75
+    with pytest.raises(ValueError, match="every >= 1"):
+        stages.detect_faces_haar(frames, every=0)
+    with pytest.raises(ValueError, match="leaves the"):
+        face_track_clip(2, height, width, side=(0.5, 0.5), path=((0.1, 0.5), (0.1, 0.5)))
+
+
+@haar
+def test_haar_track_keeps_its_face_until_lost_then_takes_the_largest():
+    frames, small = face_track_clip(10, 240, 416, side=(0.3, 0.3), path=((0.25, 0.5), (0.3, 0.5)))
+    frames[4:, 40:190, 250:400] = frontal_face(150)[..., None]  # a larger face appears on frame 4
+    big = np.array([250, 40, 400, 190], np.float32)
+    frames[8:, :, :200] = 128  # and the first one is gone from frame 8
+    tracked, _ = stages.detect_faces_haar(frames)
+    whole, _ = stages.detect_faces_haar(frames, track_search=0)
+    assert _iou(tracked[:8], small[:8]).min() > 0.8  # one face followed through the clip
+    assert _iou(whole[4:], np.tile(big, (6, 1))).min() > 0.8  # frame by frame, the largest face wins
+    assert _iou(tracked[8:], np.tile(big, (2, 1))).min() > 0.8  # lost: the whole frame is searched again
+
+
+@haar
+def test_face_stage_haar_counts_detections_over_searched_frames():
+    frames, truth = face_track_clip(T, SIZE, SIZE)
+
+    def face_stage(clip: np.ndarray, **face) -> dict:
+        batch = {"source": np.array(["a.mp4"], object), "clip_index": np.array([0]), "frames": clip[None],
+                 "face_boxes": np.full((1, T, 4), np.nan, np.float32), "has_face_boxes": np.array([False]),
+                 "error_stage": np.array([""], object), "error_reason": np.array([""], object)}
+        return add_face_track(batch, _config("in", "out", face=face))
+
+    sparse = face_stage(frames, detect_every=4)  # 3 of 8 frames searched, a face on each
+    assert sparse["has_face"][0] and _iou(sparse["face_boxes"][0], truth).min() > 0.7
+    mostly_blank = frames.copy()
+    mostly_blank[[1, 2, 3, 5, 6]] = 128
+    assert not face_stage(mostly_blank)["has_face"][0]  # 3 of 8 < min_detect_fraction 0.5
+    assert face_stage(mostly_blank, detect_every=4)["has_face"][0]  # the searched 0, 4, 7 all have it
 
 
 def test_face_stage_sidecar_boxes_and_no_face_flag():

@@ -51,7 +51,11 @@ class FaceStageConfig(StrictConfig):
     smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
     margin: float = Field(1.2, ge=1.0, description="crop edge = margin * max(box w, h), so the crop holds the whole head")
     min_detect_fraction: float = Field(0.5, gt=0, le=1, description="Haar: a clip needs a detection in at least "
-                                       "this fraction of its frames, else has_face=False")
+                                       "this fraction of its searched frames, else has_face=False")
+    detect_every: int = Field(1, ge=1, description="Haar: search every k-th frame (and the last); boxes between "
+                              "are interpolated, then smoothed")
+    track_search: float = Field(2.0, ge=0, description="Haar: after a found face, search only a window this many "
+                                "face sides wide around it (0: the whole frame every time)")
 
     @model_validator(mode="after")
     def _odd_window(self) -> "FaceStageConfig":

@@ -183,6 +183,11 @@ def crop_faces(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float) 
     return crops
 
 
+# Face sizes searched near the last face, as multiples of its side: a face between two searched
+# frames rarely grows or shrinks by a third, and a miss falls back to the whole frame anyway.
+_TRACK_SIZES = (0.75, 4 / 3)
+
+
 @lru_cache(maxsize=1)
 def _haar_cascade() -> cv2.CascadeClassifier:
     """OpenCV's bundled frontal-face Haar cascade, loaded once per worker process."""
@@ -195,21 +200,65 @@ def _haar_cascade() -> cv2.CascadeClassifier:
     return cascade
 
 
-def detect_faces_haar(frames: np.ndarray, min_side: int = 192) -> np.ndarray:
-    """Largest Haar face per frame: uint8 (T, H, W, 3) -> float32 (T, 4) boxes, NaN rows where none.
+def detect_faces_haar(frames: np.ndarray, min_side: int = 192, every: int = 1,
+                      track_search: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Haar face track: uint8 (T, H, W, 3) -> (boxes float32 (T, 4), searched bool (T,)).
 
+    Boxes are NaN on frames not searched or where no face was found; callers interpolate
+    (`fill_missing_boxes`) and count detections over the searched frames only.
+    1. Searched: every `every`-th frame and the last one.
+    2. After a frame with a face, the next search looks only near it: a square `track_search` x
+       the face's side around its centre, for faces 0.75-1.33x its size. On one core the cascade
+       takes ~38 ms over a 480x832 frame and ~6 ms over such a window around a 113 px face, at the
+       same resolution (the window sizes, not a smaller image, make the saving).
+    3. On the first frame, after a miss, or with `track_search=0`, the whole frame; the largest face wins.
+    So the track follows one face; a larger face appearing elsewhere is taken only once it is lost.
     Frames are upscaled so the short side is at least `min_side`: the cascade's 24x24 window
     cannot see the few-pixel faces of small frames otherwise.
     """
+    if every < 1 or track_search < 0:
+        raise ValueError(f"need every >= 1 and track_search >= 0, got {every}, {track_search}")
     cascade = _haar_cascade()
     upscale = max(1.0, min_side / min(frames.shape[1:3]))
+    searched = np.zeros(len(frames), bool)
+    searched[::every] = True
+    searched[-1:] = True
     boxes = np.full((len(frames), 4), np.nan, np.float32)
-    for t, frame in enumerate(frames):
-        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-        if upscale > 1.0:
-            gray = cv2.resize(gray, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
-        found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4)
-        if len(found):
-            x, y, w, h = max(found, key=lambda r: r[2] * r[3])
-            boxes[t] = np.array([x, y, x + w, y + h], np.float32) / upscale
-    return boxes
+    last = None
+    for t in np.flatnonzero(searched):
+        gray = cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY)
+        box = _haar_near(cascade, gray, last, track_search, upscale) if last is not None and track_search else None
+        if box is None:
+            box = _haar_largest(cascade, gray, upscale)
+        if box is not None:
+            boxes[t] = box
+        last = box
+    return boxes, searched
+
+
+def _haar_near(cascade, gray: np.ndarray, last: np.ndarray, track_search: float, upscale: float):
+    """The largest face of about `last`'s size in a window around it (frame pixels), or None."""
+    side = float(max(last[2] - last[0], last[3] - last[1]))
+    centre, half = (last[:2] + last[2:]) / 2.0, track_search * side / 2.0
+    x0, y0 = (max(0, int(np.floor(c - half))) for c in centre)
+    x1, y1 = min(gray.shape[1], int(np.ceil(centre[0] + half))), min(gray.shape[0], int(np.ceil(centre[1] + half)))
+    if x1 - x0 < side or y1 - y0 < side:
+        return None  # the face left the frame
+    sizes = (int(_TRACK_SIZES[0] * side * upscale), int(np.ceil(_TRACK_SIZES[1] * side * upscale)))
+    return _haar_largest(cascade, gray[y0:y1, x0:x1], upscale, sizes, (x0, y0))
+
+
+def _haar_largest(cascade, gray: np.ndarray, upscale: float, sizes: tuple[int, int] | None = None,
+                  origin: tuple[int, int] = (0, 0)):
+    """Largest cascade detection in `gray` (a frame, or a window of it at `origin`) in frame pixels, or None.
+
+    `sizes`: (min, max) face side in upscaled pixels; None searches every size.
+    """
+    if upscale > 1.0:
+        gray = cv2.resize(gray, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
+    limits = {} if sizes is None else {"minSize": (sizes[0],) * 2, "maxSize": (sizes[1],) * 2}
+    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, **limits)
+    if not len(found):
+        return None
+    x, y, w, h = max(found, key=lambda r: r[2] * r[3])
+    return np.array([x, y, x + w, y + h], np.float32) / upscale + np.array(origin * 2, np.float32)

@@ -296,13 +296,15 @@ def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
 
     def crop(i: int) -> np.ndarray:
         frames = batch["frames"][i]
+        searched = np.ones(cfg.clip_frames, bool)
         if batch["has_face_boxes"][i]:
             raw = batch["face_boxes"][i]
         elif face.detector == "haar":
-            raw = stages.detect_faces_haar(frames)
+            raw, searched = stages.detect_faces_haar(frames, every=face.detect_every, track_search=face.track_search)
         else:
             raw = np.full((cfg.clip_frames, 4), np.nan, np.float32)
-        filled, found = stages.fill_missing_boxes(np.asarray(raw, np.float32))
+        filled, _ = stages.fill_missing_boxes(np.asarray(raw, np.float32))
+        found = float(np.isfinite(np.asarray(raw)[searched]).all(axis=1).mean())
         if found < face.min_detect_fraction:
             return np.zeros((cfg.clip_frames, face.size, face.size, 3), np.uint8)  # no face: flag, zeros
         boxes_out[i] = stages.smooth_boxes(filled, face.smooth_frames)
