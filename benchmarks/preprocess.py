@@ -167,11 +167,11 @@ def _ceiling_worker(core: int, files: list[str], size: int, out: str, barrier, r
     os.sched_setaffinity(0, [core])
     cfg = _job_config(Path(files[0]).parent, Path(out), size)
     items = [_input_batch(Path(f)) for f in files]
-    udfs.process_videos(items[0], cfg, out + "-warm")  # imports, first-call costs
+    list(udfs.process_videos(items[0], cfg, out + "-warm"))  # imports, first-call costs (a generator UDF)
     barrier.wait()  # both processes start together, so they contend as Ray's two tasks do
     start = time.perf_counter()
     for item in items:
-        udfs.process_videos(item, cfg, out)
+        list(udfs.process_videos(item, cfg, out))
     results.put(time.perf_counter() - start)
 
 

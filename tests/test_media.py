@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from model.media import MediaError, decode_audio, decode_video, decode_video_and_audio, ffmpeg_exe, mux_mp4, probe
+from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, ffmpeg_exe, iter_video_chunks,
+                         mux_mp4, probe)
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)
 
@@ -146,6 +147,27 @@ def test_truncated_faststart_file_raises(clip, tmp_path):
     assert probe(cut).num_frames == 32
     with pytest.raises(MediaError, match="truncated: decoded"):
         decode_video(cut, fps=16, size=(64, 32))
+
+
+def test_video_chunks_stream_the_same_frames_and_a_cut_tail_raises_after_them(clip, tmp_path):
+    whole = decode_video(clip, fps=16, size=(64, 32))
+    chunks = list(iter_video_chunks(clip, 16, (64, 32), chunk_frames=5))
+    assert [len(c) for c in chunks] == [5] * 6 + [2]
+    np.testing.assert_array_equal(np.concatenate(chunks), whole)
+    faststart, cut = tmp_path / "faststart.mp4", tmp_path / "cut.mp4"
+    _ffmpeg("-i", str(clip), "-c", "copy", "-movflags", "+faststart", str(faststart))
+    cut.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.75)])
+    streamed = []
+    with pytest.raises(MediaError, match="truncated: decoded"):
+        for chunk in iter_video_chunks(cut, 16, (64, 32), chunk_frames=5):
+            streamed.append(chunk)
+    got = np.concatenate(streamed)
+    assert 5 <= len(got) < 32
+    np.testing.assert_array_equal(got, whole[: len(got)])  # what came before the cut is the video's start
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(1).bytes(2048))
+    with pytest.raises(MediaError, match="not a readable media file"):
+        list(iter_video_chunks(garbage, 16, (64, 32), chunk_frames=5))
 
 
 def test_audio_only_and_silent_files_raise(tmp_path):

@@ -18,7 +18,8 @@ import pytest
 
 from model.audio import audio_features
 from model.config import ConfigError, load_config
-from model.media import decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from model.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from model.storage import Storage
 from ray_jobs import shards
 from ray_jobs.preprocess import PreprocessConfig, main, run
 from ray_jobs.preprocess import stages
@@ -227,6 +228,92 @@ def test_s3_run_with_silent_allowed_and_vae(ray_local, videos, s3_bucket, storag
     assert run(cfg)["clips_written"] == 0 and _listing(storage, output) == before
 
 
+def _long_video(root: Path, seconds: float, name: str = "long") -> Path:
+    """A synthetic video with audio and its sidecar, `seconds` long (16 frames a second)."""
+    video = generate_video(SyntheticConfig(out=str(root), duration=seconds, seed=5), 0)
+    path = root / f"{name}.mp4"
+    mux_mp4(video.frames, video.audio, FPS, path)
+    (root / f"{name}.json").write_bytes(sidecar_json({**video.sidecar, "video_id": name}))
+    return path
+
+
+def _item(video: Path) -> dict:
+    """The input item the job's listing makes of a video with its sidecar."""
+    return {"source": str(video), "sidecar": str(video.with_suffix(".json")), "size": 0, "mtime": 0}
+
+
+WINDOW_12_FRAMES = 12 * SIZE * SIZE * 3 / 2**20  # decode_window_mb of 12 frames
+
+
+@pytest.mark.parametrize("stride", [8, 5, 11])
+def test_a_long_video_streams_in_windows_with_the_same_clips(tmp_path, stride):
+    video = _long_video(tmp_path, 4.0)  # 64 frames
+    windows = list(udfs.iter_clip_rows(_item(video), _config("in", "out", stride=stride,
+                                                            decode_window_mb=WINDOW_12_FRAMES)))
+    assert len(windows) >= 4 and all(streamed for _, streamed in windows)
+    streamed = [row for rows, _ in windows for row in rows]
+    whole = udfs.decode_clips(_item(video), _config("in", "out", stride=stride))
+    assert [r["start_frame"] for r in streamed] == list(range(0, 64 - T + 1, stride))
+    assert [r["clip_index"] for r in streamed] == list(range(len(whole)))
+    for one, other in zip(whole, streamed, strict=True):
+        assert one.keys() == other.keys()
+        for key, value in one.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(other[key], value, err_msg=key)
+            else:
+                assert other[key] == value, key
+
+
+def test_streaming_bounds_a_tasks_memory_by_the_window(tmp_path):
+    """Windowed, a task's peak memory does not grow with the video's frames (only its wave, 64 kB/s)."""
+    import tracemalloc
+
+    side = 128  # 0.8 MB of frames per second of video at 16 fps, against 64 kB of wave
+
+    def run_task(seconds: float, **overrides) -> tuple[int, list[dict]]:
+        video = _long_video(tmp_path, seconds, name=f"long{seconds:g}")
+        batch = {k: np.array([v], object) for k, v in _item(video).items()}
+        cfg = _config(str(tmp_path), str(tmp_path / "out"), width=side, height=side, **overrides)
+        tracemalloc.start()
+        try:
+            summaries = list(udfs.process_videos(batch, cfg, str(tmp_path / "shards")))
+            return tracemalloc.get_traced_memory()[1], summaries
+        finally:
+            tracemalloc.stop()
+
+    run_task(1.0, decode_window_mb=1.0)  # first-call imports (pyarrow.parquet...) must not count
+    whole_peak, whole = run_task(10.0)
+    short_peak, windowed = run_task(10.0, decode_window_mb=1.0)  # 21 frames a window
+    long_peak, _ = run_task(30.0, decode_window_mb=1.0)
+    assert len(whole) == 1 and len(windowed) >= 7
+    assert sum(len(s["clip_index"]) for s in windowed) == len(whole[0]["clip_index"]) == 20
+    assert all(s["shard"].all() for s in windowed)  # every window written
+    assert short_peak < whole_peak / 2, (short_peak, whole_peak)
+    frames_added = 20 * 16 * side * side * 3  # 20 s more: 15.7 MB more frames
+    assert long_peak - short_peak < frames_added / 4, (short_peak, long_peak)
+
+
+def test_a_cut_long_video_keeps_the_clips_before_the_cut(ray_local, tmp_path):
+    video = _long_video(tmp_path, 4.0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    faststart, cut = tmp_path / "faststart.mp4", inputs / "cut.mp4"
+    _ffmpeg("-i", str(video), "-c", "copy", "-movflags", "+faststart", str(faststart))
+    cut.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.6)])
+    shutil.copy(video.with_suffix(".json"), cut.with_suffix(".json"))
+    cfg = _config(str(inputs), str(tmp_path / "out"), decode_window_mb=WINDOW_12_FRAMES)
+    rows = udfs.decode_clips(_item(cut), cfg)
+    good, [error] = rows[:-1], rows[-1:]
+    assert 0 < len(good) < 8 and all(not r["error_stage"] for r in good)
+    assert error["error_stage"] == "decode" and "truncated" in error["error_reason"]
+    summary = run(cfg)  # the job: a partial video, its clips written, the cut in the error rows
+    assert (summary["videos_partial"], summary["clips_written"], summary["error_rows"]) == (1, len(good), 1)
+    [row] = _read_errors(Storage(cfg.storage), cfg.output, summary["run"])
+    assert row["stage"] == "decode" and "truncated" in row["reason"]
+    with pytest.raises(MediaError):
+        decode_video(cut, FPS, (SIZE, SIZE))  # decoded whole, the same file is an error with no clips
+
+
 def test_step_timings_account_for_the_task_and_sum_over_rows(videos, tmp_path):
     """Each step's seconds are spread over the task's rows; their sum is (nearly) the task's wall time."""
     import time
@@ -237,7 +324,7 @@ def test_step_timings_account_for_the_task_and_sum_over_rows(videos, tmp_path):
              "sidecar": np.array([str(videos / f"{n}.json") if n != "garbage" else "" for n in names], object),
              "size": np.zeros(3, np.int64), "mtime": np.zeros(3, np.int64)}
     start = time.perf_counter()
-    summary = udfs.process_videos(batch, cfg, str(tmp_path))
+    [summary] = udfs.process_videos(batch, cfg, str(tmp_path))  # videos this short: one batch for the task
     wall = time.perf_counter() - start
     assert list(summary["error_stage"]) == ["", "", "probe", "", ""]
     columns = [c for c in summary if c.startswith(udfs.TIMING_PREFIX)]

@@ -13,12 +13,13 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from model.audio import audio_features
-from model.media import MediaError, decode_audio, decode_video, decode_video_and_audio, probe
+from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
+                         iter_video_chunks, probe)
 from model.pose import render_pose
 from model.storage import Storage, StorageError
 from ray_jobs import shards
@@ -26,8 +27,8 @@ from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
 __all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "TIMING_PREFIX", "decode_clips",
-           "decode_clip_batch", "error_row", "add_audio_features", "add_pose", "add_face_track", "add_motion_mask",
-           "CPU_STAGES", "process_videos", "VaeEncoder", "write_shard"]
+           "decode_clip_batch", "iter_clip_rows", "iter_clip_batches", "error_row", "add_audio_features", "add_pose",
+           "add_face_track", "add_motion_mask", "CPU_STAGES", "process_videos", "VaeEncoder", "write_shard"]
 
 log = logging.getLogger("ray_jobs.preprocess")
 
@@ -73,28 +74,58 @@ def error_row(cfg: PreprocessConfig, item: dict, stage: str, reason: str, sha256
 
 
 def decode_clips(item: dict, cfg: PreprocessConfig) -> list[dict[str, Any]]:
-    """flat_map UDF: one input file -> one row per clip, or one error row (never raises)."""
+    """One input file -> one row per clip, or error rows (never raises): every window of `iter_clip_rows`."""
+    return [row for rows, _ in iter_clip_rows(item, cfg) for row in rows]
+
+
+def iter_clip_rows(item: dict, cfg: PreprocessConfig) -> Iterator[tuple[list[dict[str, Any]], bool]]:
+    """One input file -> (clip rows, streamed) lists, then an error row if it failed (never raises).
+
+    A video whose decoded frames fit in `cfg.decode_window_mb` comes as one list (or one error row),
+    `streamed` False; a larger one as one list per window of frames, `streamed` True, so a failure
+    late in it (a truncated tail) follows the clips already decoded: the video is then 'partial',
+    with those clips kept.
+    """
     storage = Storage(cfg.storage)
+    clips = 0
     try:
-        rows = _decode_clips(item, cfg, storage)
-        log.info("%s: %d clips", item["source"], len(rows))
-        return rows
+        for rows, streamed in _decode_clip_windows(item, cfg, storage):
+            clips += len(rows)
+            yield rows, streamed
+        log.info("%s: %d clips", item["source"], clips)
     except StageError as exc:
-        log.warning("%s: %s failed: %s", item["source"], exc.stage, exc.reason)
-        return [error_row(cfg, item, exc.stage, exc.reason, getattr(exc, "sha256", ""))]
+        log.warning("%s: %s failed after %d clips: %s", item["source"], exc.stage, clips, exc.reason)
+        yield [error_row(cfg, item, exc.stage, exc.reason, getattr(exc, "sha256", ""))], False
     except Exception as exc:  # an unforeseen bad input must still never stop the job
         log.exception("%s: unexpected decode failure", item["source"])
-        return [error_row(cfg, item, "decode", f"{type(exc).__name__}: {exc}")]
+        yield [error_row(cfg, item, "decode", f"{type(exc).__name__}: {exc}")], False
 
 
 def decode_clip_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> dict[str, np.ndarray]:
-    """map_batches UDF: input items -> the clip (or error) rows of all of them, as one columnar batch.
+    """Input items -> the clip (or error) rows of all of them, as one columnar batch (every window)."""
+    items = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    return _rows_to_columns([row for item in items for row in decode_clips(item, cfg)])
+
+
+def iter_clip_batches(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> Iterator[dict[str, np.ndarray]]:
+    """Input items -> columnar clip (or error) batches: each window of a streamed video as it comes,
+    then every video decoded whole (and every error row) together in one batch.
 
     Columnar rather than a flat_map of row dicts: Ray Data then fuses decoding with the CPU stages
     into one task, instead of materialising every clip as an Arrow row block in between.
     """
-    items = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    rows = [row for item in items for row in decode_clips(item, cfg)]
+    held: list[dict[str, Any]] = []
+    for item in (dict(zip(batch, values)) for values in zip(*batch.values())):
+        for rows, streamed in iter_clip_rows(item, cfg):
+            if streamed:
+                yield _rows_to_columns(rows)
+            else:
+                held.extend(rows)
+    if held:
+        yield _rows_to_columns(held)
+
+
+def _rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     columns = {}
     for key in rows[0]:
         values = [row[key] for row in rows]
@@ -103,37 +134,6 @@ def decode_clip_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> di
         else:
             columns[key] = np.array(values, dtype=object if isinstance(values[0], str) else None)
     return columns
-
-
-def _decode_clips(item: dict, cfg: PreprocessConfig, storage: Storage) -> list[dict[str, Any]]:
-    sidecar = _read_sidecar(storage, item["sidecar"])
-    with storage.local_copy(item["source"]) as path:
-        sha256 = _sha256(path)
-        try:
-            info, frames, wave = _decode_media(path, cfg)
-        except StageError as exc:
-            exc.sha256 = sha256
-            raise
-    starts = stages.clip_starts(len(frames), cfg.clip_frames, cfg.stride)
-    if not len(starts):
-        exc = StageError("clip", f"shorter than one clip: {len(frames)} frames at {cfg.fps:g} fps "
-                                 f"< clip_frames={cfg.clip_frames}")
-        exc.sha256 = sha256
-        raise exc
-    tracks = _sidecar_tracks(sidecar, info, cfg, len(frames))
-    base = {"source": item["source"], "video_id": str(sidecar.get("video_id") or Path(item["source"]).stem),
-            "identity_id": str(sidecar.get("identity_id", "unknown")), "split": str(sidecar.get("split", "unknown")),
-            "fps": float(cfg.fps), "source_sha256": sha256, "error_stage": "", "error_reason": "",
-            "ref_frame": frames[0], "has_audio": wave is not None, **tracks["flags"]}
-    rate = cfg.audio.features.sample_rate
-    silent = np.zeros(0, np.float32)
-    rows = []
-    for index, start in enumerate(starts.tolist()):
-        window = slice(start, start + cfg.clip_frames)
-        audio = stages.slice_audio(wave if wave is not None else silent, start, cfg.clip_frames, cfg.fps, rate)
-        rows.append({**base, "clip_index": index, "start_frame": start, "frames": frames[window],
-                     "audio": audio, **{k: v[window] for k, v in tracks["per_frame"].items()}})
-    return rows
 
 
 def _sha256(path: Path) -> str:
@@ -157,30 +157,115 @@ def _read_sidecar(storage: Storage, uri: str) -> dict:
     return data
 
 
-def _decode_media(path: Path, cfg: PreprocessConfig):
-    """(MediaInfo, frames uint8 (N, H, W, 3), wave (S,) or None) at the target fps/size/rate.
+def _decode_clip_windows(item: dict, cfg: PreprocessConfig, storage: Storage) -> Iterator[tuple[list[dict], bool]]:
+    """(clip rows, streamed) of one input, whole or window by window; StageError (with .sha256) on failure."""
+    sidecar = _read_sidecar(storage, item["sidecar"])
+    with storage.local_copy(item["source"]) as path:
+        sha256 = _sha256(path)
+        try:
+            info = _probe(path)
+            frame_bytes, window_bytes = cfg.width * cfg.height * 3, cfg.decode_window_mb * (1 << 20)
+            if 0 < expected_frames(info, cfg.fps) * frame_bytes <= window_bytes:
+                frames, wave = _decode_media(path, info, cfg)
+                clip = _VideoClips(item, cfg, sidecar, info, sha256, wave)
+                rows = clip.rows(frames, 0, len(frames))
+                clip.check_any()
+                yield rows, False
+                return
+            clip = _VideoClips(item, cfg, sidecar, info, sha256, _decode_wave(path, info, cfg))
+            chunk = max(cfg.clip_frames, int(window_bytes // frame_bytes))
+            try:
+                for held, held_from in _held_windows(path, info, cfg, chunk, clip):
+                    if rows := clip.rows(held, held_from, held_from + len(held)):
+                        yield rows, True
+            except MediaError as exc:
+                raise StageError("decode", exc.reason) from exc
+            clip.check_any()
+        except StageError as exc:
+            exc.sha256 = sha256
+            raise
 
-    One probe and one ffmpeg run for both streams; only when that run fails are the streams decoded
-    apart, so the error names the stage (decode or audio) that is really at fault.
-    """
+
+def _held_windows(path: Path, info, cfg: PreprocessConfig, chunk: int, clip: "_VideoClips"):
+    """(frames, index of frames[0]) as ffmpeg streams them: each time the frames not yet in a whole clip
+    plus the next `chunk`. Frames before the next clip's start are let go (memory: ~2 chunks)."""
+    held, held_from = None, 0
+    for frames in iter_video_chunks(path, cfg.fps, (cfg.width, cfg.height), chunk, cfg.fit, info, cfg.ffmpeg_threads):
+        held = frames if held is None else np.concatenate([held, frames])
+        yield held, held_from
+        keep_from = min(clip.next_start, held_from + len(held))
+        held, held_from = held[keep_from - held_from:], keep_from
+
+
+class _VideoClips:
+    """Builds one video's clip rows, window by window, with global clip indices and frame numbers."""
+
+    def __init__(self, item: dict, cfg: PreprocessConfig, sidecar: dict, info, sha256: str, wave):
+        self.item, self.cfg, self.sidecar, self.info, self.sha256, self.wave = item, cfg, sidecar, info, sha256, wave
+        self.done, self.seen, self.base = 0, 0, None
+
+    @property
+    def next_start(self) -> int:
+        return self.done * self.cfg.stride
+
+    def rows(self, frames: np.ndarray, first: int, end: int) -> list[dict[str, Any]]:
+        """Rows of the clips not yet made that end by frame `end`; frames[0] is frame `first` of the video."""
+        cfg, self.seen = self.cfg, max(self.seen, end)
+        starts = stages.clip_starts(end, cfg.clip_frames, cfg.stride)[self.done:]
+        if not len(starts):
+            return []
+        tracks = _sidecar_tracks(self.sidecar, self.info, cfg, end)
+        if self.base is None:  # the first window holds the video's first frame: the reference of every clip
+            sidecar, source = self.sidecar, self.item["source"]
+            self.base = {"source": source, "video_id": str(sidecar.get("video_id") or Path(source).stem),
+                         "identity_id": str(sidecar.get("identity_id", "unknown")),
+                         "split": str(sidecar.get("split", "unknown")), "fps": float(cfg.fps),
+                         "source_sha256": self.sha256, "error_stage": "", "error_reason": "",
+                         "ref_frame": frames[0].copy(), "has_audio": self.wave is not None, **tracks["flags"]}
+        wave = self.wave if self.wave is not None else np.zeros(0, np.float32)
+        rate, rows = cfg.audio.features.sample_rate, []
+        for index, start in enumerate(starts.tolist(), start=self.done):
+            window, local = slice(start, start + cfg.clip_frames), slice(start - first, start - first + cfg.clip_frames)
+            audio = stages.slice_audio(wave, start, cfg.clip_frames, cfg.fps, rate)
+            rows.append({**self.base, "clip_index": index, "start_frame": start, "frames": frames[local],
+                         "audio": audio, **{k: v[window] for k, v in tracks["per_frame"].items()}})
+        self.done += len(rows)
+        return rows
+
+    def check_any(self) -> None:
+        """A video that yielded no clip is shorter than one."""
+        if not self.done:
+            raise StageError("clip", f"shorter than one clip: {self.seen} frames at {self.cfg.fps:g} fps "
+                                     f"< clip_frames={self.cfg.clip_frames}")
+
+
+def _probe(path: Path):
     try:
         info = probe(path)
     except MediaError as exc:
         raise StageError("probe", exc.reason) from exc
     if not info.has_video:
         raise StageError("probe", "no video stream")
+    return info
+
+
+def _decode_media(path: Path, info, cfg: PreprocessConfig):
+    """(frames uint8 (N, H, W, 3), wave (S,) or None) at the target fps/size/rate.
+
+    One ffmpeg run for both streams; only when that run fails are the streams decoded apart, so
+    the error names the stage (decode or audio) that is really at fault.
+    """
     if info.has_audio:
         try:
-            frames, wave = decode_video_and_audio(path, cfg.fps, (cfg.width, cfg.height), cfg.fit,
-                                                  cfg.audio.features.sample_rate, info, cfg.ffmpeg_threads)
-            return info, frames, wave
+            return decode_video_and_audio(path, cfg.fps, (cfg.width, cfg.height), cfg.fit,
+                                          cfg.audio.features.sample_rate, info, cfg.ffmpeg_threads)
         except MediaError:
             pass  # attribute it below
     try:
         frames = decode_video(path, cfg.fps, (cfg.width, cfg.height), cfg.fit, info, cfg.ffmpeg_threads)
     except MediaError as exc:
         raise StageError("decode", exc.reason) from exc
-    return info, frames, _decode_wave(path, info, cfg)
+    return frames, _decode_wave(path, info, cfg)
 
 
 def _decode_wave(path: Path, info, cfg: PreprocessConfig) -> np.ndarray | None:
@@ -415,22 +500,29 @@ CPU_STAGES: tuple[Callable[[dict, PreprocessConfig], dict], ...] = (
     add_audio_features, add_pose, add_face_track, add_motion_mask)
 
 
-def process_videos(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: str | None = None) -> dict:
-    """map_batches UDF: input items -> their clips through decode and every CPU stage [-> shards].
+def process_videos(batch: dict[str, np.ndarray], cfg: PreprocessConfig,
+                   shard_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """map_batches UDF (a generator): input items -> their clips through decode and every CPU stage [-> shards].
 
-    With `shard_dir` the clips are written here too and only the summary rows leave the task. One
-    UDF for the chain rather than one map_batches per stage: Ray Data fuses consecutive map_batches
-    into one task but still turns each op's output batch into an Arrow block and back (~2 ms per
-    op per 8 s video at 64x64, a tenth of the job's CPU time).
+    Yields one batch per window of a video too large to decode whole (`decode_window_mb`) and one for
+    the rest, so a task's memory is bounded by the window, not by the length of its videos. With
+    `shard_dir` the clips are written here too and only the summary rows leave the task. One UDF for
+    the chain rather than one map_batches per stage: Ray Data fuses consecutive map_batches into one
+    task but still turns each op's output batch into an Arrow block and back (~2 ms per op per 8 s
+    video at 64x64, a tenth of the job's CPU time).
     """
-    start = time.perf_counter()
-    clips = decode_clip_batch(batch, cfg)
-    _add_seconds(clips, "decode", time.perf_counter() - start)
-    for stage in CPU_STAGES:
+    windows = iter_clip_batches(batch, cfg)
+    while True:
         start = time.perf_counter()
-        clips = stage(clips, cfg)
-        _add_seconds(clips, stage.__name__.removeprefix("add_"), time.perf_counter() - start)
-    return clips if shard_dir is None else write_shard(clips, cfg, shard_dir)
+        clips = next(windows, None)
+        if clips is None:
+            return
+        _add_seconds(clips, "decode", time.perf_counter() - start)
+        for stage in CPU_STAGES:
+            start = time.perf_counter()
+            clips = stage(clips, cfg)
+            _add_seconds(clips, stage.__name__.removeprefix("add_"), time.perf_counter() - start)
+        yield clips if shard_dir is None else write_shard(clips, cfg, shard_dir)
 
 
 def _add_seconds(batch: dict, step: str, seconds: float) -> None:
