@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ import pytest
 from model.audio import audio_features
 from model.config import ConfigError, load_config
 from model.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from model.pose import render_pose
 from model.storage import Storage
 from ray_jobs import shards
 from ray_jobs.preprocess import PreprocessConfig, main, run
@@ -478,7 +480,50 @@ def test_face_stage_sidecar_boxes_and_no_face_flag():
         assert list(haar["error_stage"]) == ["", "face"] and "no Haar cascades" in haar["error_reason"][1]
 
 
-def test_pose_extractor_decoding_and_missing_onnxruntime(tmp_path):
+def _bright_spot_pose_model(path: Path, input_size: tuple[int, int] = (192, 256), split_ratio: int = 2) -> None:
+    """A real ONNX graph with RTMPose's SimCC interface that puts all 17 joints on the brightest spot.
+
+    input (N, 3, H, W) -> simcc_x (N, 17, W * r), simcc_y (N, 17, H * r): the channel mean's column and
+    row maxima, each repeated r times. No trained pose model is reachable here; this one has known
+    answers, so the extractor's letterbox, onnxruntime call, decoding and mapping back are checked.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    width, height = input_size
+
+    def ints(name: str, values: list[int]):
+        return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+    nodes = [helper.make_node("ReduceMean", ["input", "axis1"], ["gray"], keepdims=0),  # (N, H, W)
+             helper.make_node("ReduceMax", ["gray", "axis1"], ["columns"], keepdims=0),  # (N, W)
+             helper.make_node("ReduceMax", ["gray", "axis2"], ["rows"], keepdims=0)]  # (N, H)
+    for name, out in (("columns", "simcc_x"), ("rows", "simcc_y")):
+        nodes += [helper.make_node("Unsqueeze", [name, "last"], [f"{name}1"]),  # (N, L, 1)
+                  helper.make_node("Concat", [f"{name}1"] * split_ratio, [f"{name}r"], axis=-1),  # (N, L, r)
+                  helper.make_node("Reshape", [f"{name}r", f"{name}_shape"], [f"{name}_flat"]),  # (N, 1, L * r)
+                  helper.make_node("Expand", [f"{name}_flat", "joints"], [out])]  # (N, 17, L * r)
+    constants = [ints("axis1", [1]), ints("axis2", [2]), ints("last", [-1]), ints("joints", [1, 17, 1]),
+                 ints("columns_shape", [0, 1, width * split_ratio]), ints("rows_shape", [0, 1, height * split_ratio])]
+    tensor = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "bright_spot_pose", [tensor("input", TensorProto.FLOAT, ["N", 3, height, width])],
+                              [tensor("simcc_x", TensorProto.FLOAT, ["N", 17, width * split_ratio]),
+                               tensor("simcc_y", TensorProto.FLOAT, ["N", 17, height * split_ratio])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _dot_frames(points: list[tuple[float, float]], height: int, width: int) -> np.ndarray:
+    """One soft white dot per frame at each (x, y) pixel position on black: uint8 (T, H, W, 3)."""
+    frames = np.zeros((len(points), height, width, 3), np.uint8)
+    for frame, (x, y) in zip(frames, points):
+        cv2.circle(frame, (int(round(x * 16)), int(round(y * 16))), 3 * 16, (255, 255, 255), -1, cv2.LINE_AA, 4)
+        frame[:] = cv2.GaussianBlur(frame, (0, 0), 1.5)
+    return frames
+
+
+def test_pose_extractor_decoding_and_missing_onnxruntime(tmp_path, monkeypatch):
     simcc_x = np.zeros((1, 17, 384), np.float32)
     simcc_y = np.zeros((1, 17, 512), np.float32)
     simcc_x[0, :, 100], simcc_y[0, :, 50] = 0.9, 0.7
@@ -486,14 +531,39 @@ def test_pose_extractor_decoding_and_missing_onnxruntime(tmp_path):
     heat = np.zeros((1, 17, 64, 48), np.float32)
     heat[0, 3, 10, 20] = 0.8
     np.testing.assert_allclose(decode_heatmaps(heat, (192, 256))[0, 3], [20.5 * 4, 10.5 * 4, 0.8])
-    try:  # onnxruntime is an optional extra (not installed here): either way the error must be clear
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"pip install 'human-animation-platform\[pose\]'"):
-            OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
-    else:
-        with pytest.raises(FileNotFoundError):
-            OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
+    with pytest.raises(FileNotFoundError):
+        OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the optional extra not installed: a clear error
+    with pytest.raises(ImportError, match=r"pip install 'human-animation-platform\[pose\]'"):
+        OnnxPoseExtractor(str(tmp_path / "pose.onnx"))
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (48, 96), (96, 40)])
+def test_onnx_pose_extractor_runs_a_real_model_through_onnxruntime(tmp_path, height, width):
+    _bright_spot_pose_model(tmp_path / "pose.onnx")
+    points = [(0.3 * width, 0.6 * height), (0.8 * width, 0.15 * height), (0.15 * width, 0.85 * height)]
+    keypoints = OnnxPoseExtractor(str(tmp_path / "pose.onnx"))(_dot_frames(points, height, width))
+    assert keypoints.shape == (3, 17, 3) and keypoints.dtype == np.float32
+    truth = np.repeat(np.array(points, np.float32)[:, None], 17, axis=1)
+    np.testing.assert_allclose(keypoints[..., :2], truth, atol=1.0)  # letterboxed in, mapped back to frame pixels
+    assert (keypoints[..., 2] > 1.0).all()  # the peak's normalised intensity: well above pose's conf threshold
+
+
+def test_job_extracts_pose_with_an_onnx_model_from_s3(ray_local, s3_bucket, storage, tmp_path):
+    _bright_spot_pose_model(tmp_path / "pose.onnx")
+    storage.upload_file(tmp_path / "pose.onnx", f"{s3_bucket}/models/pose.onnx")
+    path = [(10 + 2.5 * t, 50 - 2 * t) for t in range(16)]  # 1 s: a dot moving up and right
+    mux_mp4(_dot_frames(path, SIZE, SIZE), np.zeros(16000, np.float32), FPS, tmp_path / "dot.mp4")
+    storage.upload_file(tmp_path / "dot.mp4", f"{s3_bucket}/raw/dot.mp4")  # no sidecar: pose from the model
+    cfg = _config(f"{s3_bucket}/raw", f"{s3_bucket}/shards", storage=storage.cfg,
+                  pose={"extractor": "onnx", "model_path": f"{s3_bucket}/models/pose.onnx"})
+    summary = run(cfg)
+    assert (summary["videos_ok"], summary["clips_written"], summary["error_rows"]) == (1, 2, 0)
+    _, ds = _read_shards(ray_local, storage, cfg.output)
+    for row in ds.take_all():
+        window = np.array(path[row["start_frame"]:row["start_frame"] + T], np.float32)
+        np.testing.assert_allclose(row["keypoints"][..., :2], np.repeat(window[:, None], 17, axis=1), atol=1.5)
+        np.testing.assert_array_equal(row["pose"], render_pose(row["keypoints"], SIZE, SIZE))
 
 
 def test_config_validation_and_tiny_example():

@@ -6,9 +6,11 @@ ONNX model through onnxruntime (the optional ``pose`` extra, imported lazily). I
 frame as the person box (the preprocessing inputs are single-person dance/talking videos), so no
 person detector is chained in front of it.
 
-Not verified against a real RTMPose/DWPose checkpoint: no model hub is reachable where this was
-written, so only the interface, the output decoding on synthetic tensors and the missing-dependency
-error are tested.
+Not verified against a trained RTMPose/DWPose checkpoint: no model hub is reachable where this was
+written. The tests run a real ONNX graph with RTMPose's SimCC interface through onnxruntime instead
+(one with known answers: every joint on the brightest spot), loaded from a local path and from S3
+inside the job, which checks the letterbox, the session call, the decoding and the mapping back to
+frame pixels; the heatmap decoding and the missing-dependency error are tested on their own.
 """
 
 from __future__ import annotations
