@@ -186,7 +186,8 @@ def _decode_clip_windows(item: dict, cfg: PreprocessConfig, storage: Storage) ->
             raise
 
 
-def _held_windows(path: Path, info, cfg: PreprocessConfig, chunk: int, clip: "_VideoClips"):
+def _held_windows(path: Path, info, cfg: PreprocessConfig, chunk: int,
+                  clip: "_VideoClips") -> Iterator[tuple[np.ndarray, int]]:
     """(frames, index of frames[0]) as ffmpeg streams them: each time the frames not yet in a whole clip
     plus the next `chunk`. Frames before the next clip's start are let go (memory: ~2 chunks)."""
     held, held_from = None, 0
