@@ -446,6 +446,25 @@ def test_haar_track_keeps_its_face_until_lost_then_takes_the_largest():
 
 
 @haar
+def test_haar_track_stops_once_the_clip_cannot_have_a_face():
+    frames, truth = face_track_clip(T, SIZE, SIZE)
+    frames[:5] = 128  # a face on the last 3 of 8 frames only: 3/8 < min_detect_fraction 0.5
+    full, _ = stages.detect_faces_haar(frames)
+    stopped, searched = stages.detect_faces_haar(frames, min_found=0.5)
+    assert np.isfinite(full[5:]).all() and searched.all()
+    assert np.isnan(stopped).all()  # after the 5th miss no search could reach 0.5: frames 5-7 never searched
+    half = face_track_clip(T, SIZE, SIZE)[0]
+    half[:4] = 128  # exactly half the frames have a face: 0.5 is still reachable after 4 misses
+    kept, _ = stages.detect_faces_haar(half, min_found=0.5)
+    assert np.isnan(kept[:4]).all() and np.isfinite(kept[4:]).all()
+    batch = {"source": np.array(["a.mp4"], object), "clip_index": np.array([0]), "frames": frames[None],
+             "face_boxes": np.full((1, T, 4), np.nan, np.float32), "has_face_boxes": np.array([False]),
+             "error_stage": np.array([""], object), "error_reason": np.array([""], object)}
+    out = add_face_track(batch, _config("in", "out"))  # the stage passes min_detect_fraction: same verdict
+    assert not out["has_face"][0] and not out["face_crops"].any()
+
+
+@haar
 def test_face_stage_haar_counts_detections_over_searched_frames():
     frames, truth = face_track_clip(T, SIZE, SIZE)
 

@@ -386,7 +386,8 @@ def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
         if batch["has_face_boxes"][i]:
             raw = batch["face_boxes"][i]
         elif face.detector == "haar":
-            raw, searched = stages.detect_faces_haar(frames, every=face.detect_every, track_search=face.track_search)
+            raw, searched = stages.detect_faces_haar(frames, every=face.detect_every, track_search=face.track_search,
+                                                     min_found=face.min_detect_fraction)
         else:
             raw = np.full((cfg.clip_frames, 4), np.nan, np.float32)
         filled, _ = stages.fill_missing_boxes(np.asarray(raw, np.float32))

@@ -40,11 +40,12 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
 
 def face_track_clip(num_frames: int, height: int, width: int, side: tuple[float, float] = (0.2, 0.26),
                     path: tuple[tuple[float, float], tuple[float, float]] = ((0.3, 0.35), (0.6, 0.45)),
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    seed: int = 0, face: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One face moving along `path` and growing through `side` -> (frames uint8 (T, H, W, 3), boxes float32 (T, 4)).
 
     `side`: face side at the first and last frame as a fraction of the short side; `path`: its
     centre at the first and last frame as fractions of (W, H). Boxes are (x0, y0, x1, y1) in pixels.
+    `face=False`: the same background without the face, boxes NaN.
     """
     rng = np.random.default_rng(seed)
     background = _background(height, width, rng)
@@ -58,7 +59,8 @@ def face_track_clip(num_frames: int, height: int, width: int, side: tuple[float,
         if x0 < 0 or y0 < 0 or x0 + edge > width or y0 + edge > height:
             raise ValueError(f"frame {t}: the face ({x0}, {y0}, side {edge}) leaves the {width}x{height} frame")
         gray = background.copy()
-        gray[y0:y0 + edge, x0:x0 + edge] = frontal_face(edge)
+        if face:
+            gray[y0:y0 + edge, x0:x0 + edge] = frontal_face(edge)
         frames[t] = gray[..., None]
-        boxes[t] = (x0, y0, x0 + edge, y0 + edge)
+        boxes[t] = (x0, y0, x0 + edge, y0 + edge) if face else np.nan
     return frames, boxes
