@@ -295,6 +295,26 @@ def test_streaming_bounds_a_tasks_memory_by_the_window(tmp_path):
     assert long_peak - short_peak < frames_added / 4, (short_peak, long_peak)
 
 
+def test_streamed_windows_go_through_the_vae_pool(ray_local, tmp_path, tiny_vae):
+    from model.vae import load_vae
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    video = _long_video(inputs, 3.0)  # 48 frames: 6 clips, streamed 12 frames at a time
+    cfg = _config(str(inputs), str(tmp_path / "out"), decode_window_mb=WINDOW_12_FRAMES,
+                  vae={"enabled": True, "path": str(tiny_vae), "batch_size": 4})
+    assert run(cfg)["clips_written"] == 6
+    _, ds = _read_shards(ray_local, Storage(), cfg.output)
+    rows = sorted(ds.take_all(), key=lambda r: r["clip_index"])
+    whole = udfs.decode_clips(_item(video), _config("in", "out"))
+    assert [r["clip_index"] for r in rows] == list(range(6))
+    vae = load_vae(str(tiny_vae))
+    for row, expected in zip(rows, whole, strict=True):
+        np.testing.assert_array_equal(row["frames"], expected["frames"])
+        np.testing.assert_array_equal(row["ref_frame"], expected["ref_frame"])
+        np.testing.assert_allclose(row["latents"], vae.encode(row["frames"][None])[0].numpy(), atol=1e-4)
+
+
 def test_a_cut_long_video_keeps_the_clips_before_the_cut(ray_local, tmp_path):
     video = _long_video(tmp_path, 4.0)
     inputs = tmp_path / "in"
