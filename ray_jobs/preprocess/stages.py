@@ -211,8 +211,8 @@ def detect_faces_haar(frames: np.ndarray, min_side: int = 192, every: int = 1, t
        the face's side around its centre, for faces 0.75-1.33x its size. On one core the cascade
        takes ~38 ms over a 480x832 frame and ~6 ms over such a window around a 113 px face, at the
        same resolution (the window sizes, not a smaller image, make the saving).
-    3. On the first frame, after a miss, or with `track_search=0`, the whole frame; the largest face wins.
-    So the track follows one face; a larger face appearing elsewhere is taken only once it is lost.
+    3. On the first frame, after a miss, or with `track_search=0`, the whole frame; the largest face
+       wins. So the track follows one face; a larger face elsewhere is taken only once it is lost.
     4. The search stops once fewer than `min_found` of the frames to search can still have a face
        (a caller that then drops the track loses nothing; a faceless clip costs half as much at 0.5).
     Frames are upscaled so the short side is at least `min_side`: the cascade's 24x24 window
