@@ -6,7 +6,10 @@ H, W pixel size, W_a audio window rows, M mel bins):
 * ``ref_latent`` (B, C, 1, h, w): VAE latent of the reference image (the video's first frame).
 * ``pose`` (B, 3, T, H, W) float in [-1, 1]: rendered skeleton maps, one per video frame.
 * ``audio`` (B, T, W_a, M): log-mel windows per video frame (`model.audio.audio_features`).
-* ``face`` (B, C, T_lat, hf, wf): VAE latents of the face crops (already at latent frame rate).
+* ``face`` (B, C, 1, hf, wf): VAE latent of the *reference's* face crop (`model.face.reference_face`),
+  broadcast over latent frames by the denoiser; (B, C, T_lat, hf, wf) per-latent-frame faces are
+  accepted too. Shards give the reference's (``ref_face_latent``): the clip's own per-frame crops
+  would leak the ground-truth mouth in training while serving only has the reference.
 * ``keep``: per condition a bool (B,) mask; False = that sample uses the condition's learned null
   (classifier-free guidance, condition dropout, missing audio/face). A condition that is None is
   dropped for every sample.
@@ -86,9 +89,9 @@ class Conditions:
         ref = torch.as_tensor(batch["ref_latent"])
         pose = _pose_to_float(torch.as_tensor(batch["pose"])) if "pose" in batch else None
         audio = torch.as_tensor(batch["audio_feats"]) if "audio_feats" in batch else None
-        face = torch.as_tensor(batch["face_latents"]) if "face_latents" in batch else None
+        face = torch.as_tensor(batch["ref_face_latent"]) if "ref_face_latent" in batch else None
         keep = {}
-        for name, flag in (("audio", "has_audio"), ("face", "has_face")):
+        for name, flag in (("audio", "has_audio"), ("face", "has_ref_face")):
             if flag in batch:
                 keep[name] = torch.as_tensor(batch[flag]).reshape(-1).to(torch.bool)
         return cls(ref, pose, audio, face, keep).to(device, dtype)
@@ -118,6 +121,22 @@ class Conditions:
             current = self.keep_mask(name, device=torch.device("cpu"))
             draw = torch.rand(self.batch_size, generator=generator) >= p
             keep[name] = (current & draw).to(self._device())
+        return replace(self, keep=keep)
+
+    def random_drop_joint(self, names: set[str] | list[str] | tuple[str, ...], p: float,
+                          generator: torch.Generator | None = None) -> "Conditions":
+        """Drop all ``names`` *together* per sample with probability ``p``.
+
+        CFG's unconditional branch is ``cond.drop(names)``: independent per-condition dropout with
+        p = 0.1 trains that exact combination on only p^3 = 0.1% of samples (three conditions), so the
+        branch stays untrained and guidance hurts. A joint draw trains it on a fraction p of samples.
+        """
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"joint drop probability must be in [0, 1], got {p}")
+        drawn = (torch.rand(self.batch_size, generator=generator) < p).to(self._device())
+        keep = dict(self.keep)
+        for name in sorted(names):
+            keep[name] = self.keep_mask(name) & ~drawn
         return replace(self, keep=keep)
 
     def _device(self) -> torch.device:

@@ -30,7 +30,8 @@ Conditions
   temporal conv grouping frames to latent frames; last layer zero-init; added to the patch tokens.
 * audio (B, T, W, M): each mel row -> a token (Linear + learned row position); frames grouped to
   latent frames; per-frame cross-attention (zero-init output).
-* face (B, C, T_lat, hf, wf): patchified VAE latents -> per-frame cross-attention (zero-init output);
+* face (B, C, 1, hf, wf), the reference's face latent (or per latent frame): patchified -> per-frame
+  cross-attention (zero-init output);
   the whole path exists only with ``face_injection=True``.
 * every condition has a learned null used where ``cond.keep_mask(name)`` is False.
 Zero-init outputs mean a pretrained Wan loads and starts unchanged (up to the learned prompt).
@@ -255,9 +256,11 @@ class AnimationDenoiser(WanTransformer3DModel):
             return None
         if cond.face is None:
             return self.null_face.to(like.dtype).expand(batch, num_latent, 1, -1)
-        if cond.face.ndim != 5 or cond.face.shape[2] != num_latent:
-            raise ValueError(f"face must be (B, C, {num_latent}, hf, wf) at latent frame rate, got {tuple(cond.face.shape)}")
-        tokens = self.face_embedding(cond.face.to(like.dtype)).flatten(3).permute(0, 2, 3, 1)  # (B, T_lat, N, D)
+        if cond.face.ndim != 5 or cond.face.shape[2] not in (1, num_latent):
+            raise ValueError(f"face must be (B, C, 1, hf, wf) (the reference's, broadcast) or (B, C, {num_latent}, "
+                             f"hf, wf), got {tuple(cond.face.shape)}")
+        tokens = self.face_embedding(cond.face.to(like.dtype)).flatten(3).permute(0, 2, 3, 1)  # (B, 1|T_lat, N, D)
+        tokens = tokens.expand(-1, num_latent, -1, -1)
         return self._with_null(tokens, self.null_face, cond.keep_mask("face", like.device))
 
     @staticmethod

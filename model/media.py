@@ -9,6 +9,8 @@ Conventions:
 - frames are uint8 RGB (T, H, W, 3); audio is float32 mono (N,) in [-1, 1].
 - `MediaInfo.width`/`height` are the *displayed* size, i.e. after the rotation metadata is applied;
   `decode_video` applies the rotation too (ffmpeg's autorotate), so its output is upright.
+PyAV and ffmpeg-python are imported inside the functions that use them: code that only renders or
+reads frames (e.g. a one-GPU pretraining machine without the codec wheels) imports this module too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-import av
-import ffmpeg
 import numpy as np
 
 __all__ = ["MediaError", "MediaInfo", "ffmpeg_exe", "probe", "decode_video", "iter_video_chunks", "decode_audio",
@@ -80,6 +80,7 @@ def _first_frame_rotation(container: av.container.InputContainer, stream) -> int
 
 def probe(path: str | os.PathLike) -> MediaInfo:
     """Read container/stream metadata with PyAV; raise MediaError when the file is not media."""
+    import av
     _check_file(path)
     try:
         with av.open(str(path)) as container:
@@ -91,6 +92,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
 
 
 def _probe_container(container) -> MediaInfo:
+    import av
     video = container.streams.video[0] if container.streams.video else None
     audio = container.streams.audio[0] if container.streams.audio else None
     duration_s = float(container.duration / av.time_base) if container.duration else 0.0
@@ -114,6 +116,7 @@ def _probe_container(container) -> MediaInfo:
 
 def _input(path, threads: int):
     """ffmpeg-python input node; `threads` > 0 caps the decoder's threads (0: ffmpeg's choice)."""
+    import ffmpeg
     return ffmpeg.input(str(path), **({"threads": threads} if threads else {}))
 
 
@@ -122,6 +125,7 @@ def _run(stream, path, input_bytes: bytes | None = None, threads: int = 0) -> by
 
     `threads` > 0 caps the filter graph's threads too (the decoder's are capped by `_input`).
     """
+    import ffmpeg
     extra = ("-filter_threads", str(threads)) if threads else ()
     try:
         out, _ = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error", *extra).run(
@@ -254,6 +258,7 @@ def decode_video_and_audio(path: str | os.PathLike, fps: float, size: tuple[int,
     run would need threads to drain them). Same outputs as the two calls; a failure does not say
     which stream was bad, so callers that attribute errors re-run the two decodes separately.
     """
+    import ffmpeg
     info = info or probe(path)
     if not info.has_video:
         raise MediaError("no video stream", path)
@@ -277,6 +282,7 @@ def mux_mp4(frames: np.ndarray, audio: np.ndarray | None, fps: float,
 
     H and W must be even (yuv420p). MP4 needs a seekable output, so bytes go through a temp file.
     """
+    import ffmpeg
     frames = np.ascontiguousarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")

@@ -4,7 +4,9 @@
 
 Objective: rectified-flow matching as Wan trains it (x_σ = (1-σ) x0 + σ ε, target v = ε - x0), σ drawn
 logit-normal (or uniform) and shifted; every condition dropped independently to its learned null
-with its configured probability (for CFG and robustness). An EMA of the weights is kept (see
+with its configured probability (robustness), and the conditions CFG drops dropped *together* with
+`cfg_drop_prob` (so the unconditional branch CFG uses is trained). An EMA of the weights, with
+diffusers' warm-up schedule, is kept (see
 `ray_jobs.training.ema` for how under ZeRO) and exported as a diffusers folder at every checkpoint:
 `{run.storage_path}/{run.name}/export/` is what TPO, distillation and serving load.
 Re-running the same command with the same `run.name` resumes from the latest checkpoint.
@@ -29,12 +31,13 @@ from ray_jobs.common import init_ray, parse_job_config, setup_logging
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
-__all__ = ["TeacherObjective", "TeacherConfig", "TeacherTask", "run", "main", "TRAIN_COLUMNS"]
+__all__ = ["TeacherObjective", "TeacherConfig", "TeacherTask", "teacher_loss", "export_denoiser", "run", "main",
+           "TRAIN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 # Shard columns a training step needs (docs/design.md); strings and pixels stay out of the batches.
-TRAIN_COLUMNS = ["latents", "ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face", "motion_mask"]
+TRAIN_COLUMNS = ["latents", "ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face", "motion_mask"]
 
 
 class TeacherObjective(StrictConfig):
@@ -46,22 +49,28 @@ class TeacherObjective(StrictConfig):
     shift: float = Field(1.0, gt=0, description="σ' = sσ/(1+(s-1)σ); ~3-5 at high resolution, 1 for tiny")
     drop_probs: dict[str, float] = Field(
         default_factory=lambda: {"ref": 0.05, "pose": 0.1, "audio": 0.1, "face": 0.1},
-        description="per-condition dropout to the learned null (CFG needs the unconditional model)",
+        description="per-condition dropout to the learned null (robustness to a missing condition)",
     )
-    ema_decay: float = Field(0.99, ge=0, lt=1)
+    cfg_drop: list[str] = Field(default_factory=lambda: ["pose", "audio", "face"],
+                                description="conditions CFG's unconditional branch drops together (validation "
+                                            "samples with the same set)")
+    cfg_drop_prob: float = Field(0.1, ge=0, le=1, description="probability a sample drops all of cfg_drop at once: "
+                                 "trains the unconditional branch that CFG uses")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+t)/(10+t)) at step t (diffusers' EMAModel)")
 
     def model_post_init(self, _context: Any) -> None:
-        unknown = set(self.drop_probs) - set(CONDITION_NAMES)
+        unknown = (set(self.drop_probs) | set(self.cfg_drop)) - set(CONDITION_NAMES)
         if unknown:
-            raise ValueError(f"drop_probs has unknown conditions {sorted(unknown)}; known: {CONDITION_NAMES}")
+            raise ValueError(f"drop_probs / cfg_drop name unknown conditions {sorted(unknown)}; known: {CONDITION_NAMES}")
 
 
 class ValidationSection(StrictConfig):
-    """The validation sample written at checkpoints: teacher sampler on a held-out clip."""
+    """The validation sample written at checkpoints: teacher sampler on a held-out clip (unconditional
+    branch: `objective.cfg_drop`)."""
 
     steps: int = Field(20, ge=1)
-    guidance: float = Field(3.0, ge=1)
-    drop_for_uncond: list[str] = Field(default_factory=lambda: ["pose", "audio", "face"])
+    guidance: float = Field(1.0, ge=1, description="1 = no CFG (the tiny teacher's measured best; see its card)")
 
 
 class TeacherConfig(TrainJobConfig):
@@ -78,6 +87,7 @@ class TeacherTask:
         self.cfg = cfg
         self.val_clip = val_clip
         self.ema_decay = cfg.objective.ema_decay
+        self.ema_warmup = cfg.objective.ema_warmup
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -95,15 +105,7 @@ class TeacherTask:
         self.device, self.dtype = device, dtype
 
     def micro_step(self, engine: Any, batch: dict[str, torch.Tensor], generator: torch.Generator):
-        obj = self.cfg.objective
-        x0 = batch["latents"].to(self.device, self.dtype)
-        cond = Conditions.from_batch(batch, self.device, self.dtype).random_drop(obj.drop_probs, generator)
-        sigma = sample_training_sigmas(x0.shape[0], generator, mode=obj.timestep_sampling, shift=obj.shift,
-                                       mean=obj.logit_mean, std=obj.logit_std).to(self.device, self.dtype)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device, self.dtype)
-        v_pred = engine(add_noise(x0, noise, sigma), sigma, cond)
-        loss = flow_matching_loss(v_pred.float(), x0.float(), noise.float()).mean()
-        return loss, {"sigma_mean": float(sigma.float().mean())}
+        return teacher_loss(engine, batch, self.cfg.objective, generator, self.device, self.dtype)
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
         export_denoiser(model, weights, out_dir)
@@ -113,8 +115,26 @@ class TeacherTask:
             return {}
         val = self.cfg.validation
         return validation_sample(model, self.cfg.model.vae_path, self.val_clip, out_dir, sampler="euler_cfg",
-                                 steps=val.steps, guidance=val.guidance, drop=set(val.drop_for_uncond),
+                                 steps=val.steps, guidance=val.guidance, drop=set(self.cfg.objective.cfg_drop),
                                  shift=self.cfg.objective.shift)
+
+
+def teacher_loss(model: Any, batch: dict[str, torch.Tensor], obj: TeacherObjective, generator: torch.Generator,
+                 device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's flow-matching loss with condition dropout (shard columns in, scalar loss out).
+
+    The teacher's whole objective: shared by the Ray Train job and the one-device pretraining
+    (`ray_jobs.pretrain_teacher`). Noise and dropout draws come from the CPU ``generator``.
+    """
+    x0 = batch["latents"].to(device, dtype)
+    cond = (Conditions.from_batch(batch, device, dtype).random_drop(obj.drop_probs, generator)
+            .random_drop_joint(obj.cfg_drop, obj.cfg_drop_prob, generator))
+    sigma = sample_training_sigmas(x0.shape[0], generator, mode=obj.timestep_sampling, shift=obj.shift,
+                                   mean=obj.logit_mean, std=obj.logit_std).to(device, dtype)
+    noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+    v_pred = model(add_noise(x0, noise, sigma), sigma, cond)
+    loss = flow_matching_loss(v_pred.float(), x0.float(), noise.float()).mean()
+    return loss, {"sigma_mean": float(sigma.float().mean())}
 
 
 def export_denoiser(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:

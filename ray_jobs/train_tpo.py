@@ -39,7 +39,7 @@ __all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", 
 log = logging.getLogger(__name__)
 
 ADAPTERS: tuple[str, ...] = ("motion", "fidelity")
-TRAIN_COLUMNS = ["ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face",
+TRAIN_COLUMNS = ["ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face",
                  "winner_latents", "loser_latents", "is_motion"]
 
 

@@ -21,10 +21,13 @@ JOB_CONFIGS: dict[str, str] = {
     "synthetic": "ray_jobs.synthetic:SyntheticConfig",
     "preprocess": "ray_jobs.preprocess.config:PreprocessConfig",
     "train_teacher": "ray_jobs.train_teacher:TeacherConfig",
+    "pretrain_teacher": "ray_jobs.pretrain_teacher:PretrainConfig",
     "make_preferences": "ray_jobs.make_preferences:PreferencesConfig",
     "train_tpo": "ray_jobs.train_tpo:TPOConfig",
     "distill_lcm": "ray_jobs.distill_lcm:DistillConfig",
     "pipeline": "ray_jobs.pipeline:PipelineConfig",
+    "evaluate": "ray_jobs.evaluate:EvaluateConfig",
+    "fit_perception": "ray_jobs.fit_perception:FitPerceptionConfig",
 }
 
 

@@ -30,7 +30,7 @@ __all__ = ["CONDITION_COLUMNS", "TRUTH_COLUMNS", "PAIR_COLUMNS", "CandidateScore
 log = logging.getLogger(__name__)
 
 # Shard columns a pair carries forward (what the TPO step conditions on).
-CONDITION_COLUMNS = ["ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face", "motion_mask"]
+CONDITION_COLUMNS = ["ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face", "motion_mask"]
 # Columns the rewards may read (ground truth for the gt_* rewards; conditions for the others).
 TRUTH_COLUMNS = ["frames", "ref_frame", "face_boxes", "keypoints", "video_id", "clip_index", "identity_id"]
 PAIR_COLUMNS = CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id", "dimension", "margin",

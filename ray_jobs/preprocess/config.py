@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from model.audio import AudioFeatureConfig
 from model.config import StrictConfig
+from model.face import FaceCropConfig
 from model.storage import StorageConfig
 from ray_jobs.common import RayConfig
 
@@ -42,14 +43,16 @@ class PoseStageConfig(StrictConfig):
         return self
 
 
-class FaceStageConfig(StrictConfig):
-    """Face crop track: sidecar `face_boxes`, else OpenCV's bundled Haar cascade; smoothed over time."""
+class FaceStageConfig(FaceCropConfig):
+    """Face crop track: sidecar `face_boxes`, else OpenCV's bundled Haar cascade; smoothed over time.
+
+    The crop geometry (size, margin) is `model.face.FaceCropConfig`'s, shared with serving: each video's
+    reference face crop (the denoiser's face condition) is cut the same way in both.
+    """
 
     detector: Literal["haar", "none"] = Field("haar", description="for videos without sidecar face_boxes: OpenCV's "
                                               "bundled Haar cascade (OpenCV 4.x), or 'none' (has_face=False)")
-    size: int = Field(32, ge=8, description="face crop edge in pixels (Hf = Wf)")
     smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
-    margin: float = Field(1.2, ge=1.0, description="crop edge = margin * max(box w, h), so the crop holds the whole head")
     min_detect_fraction: float = Field(0.5, gt=0, le=1, description="Haar: a clip needs a detection in at least "
                                        "this fraction of its searched frames, else has_face=False")
     detect_every: int = Field(1, ge=1, description="Haar: search every k-th frame (and the last); boxes between "

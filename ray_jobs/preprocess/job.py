@@ -293,10 +293,12 @@ def _schema_doc(cfg: PreprocessConfig) -> dict[str, str]:
            "audio": f"float32 ({samples},)", "audio_feats": f"float32 ({t}, {feats.window}, {feats.n_mels})",
            "has_audio": "bool", "face_boxes": f"float32 ({t}, 4)",
            "face_crops": f"uint8 ({t}, {cfg.face.size}, {cfg.face.size}, 3)", "has_face": "bool",
+           "ref_face_box": "float32 (4,)", "ref_face_crop": f"uint8 ({cfg.face.size}, {cfg.face.size}, 3)",
+           "has_ref_face": "bool",
            "motion_mask": f"float32 ({t}, {h // f}, {w // f})", "mouth_openness": f"float32 ({t},)"}
     if cfg.vae.enabled:
         doc.update(latents="float32 (C, t, h, w)", ref_latent="float32 (C, 1, h, w)",
-                   face_latents="float32 (C, t, hf, wf)")
+                   ref_face_latent="float32 (C, 1, hf, wf)")
     return doc
 
 

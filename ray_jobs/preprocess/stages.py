@@ -6,10 +6,10 @@ and tests call them directly.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import cv2
 import numpy as np
+
+from model.face import crop_faces, haar_cascade, largest_face
 
 __all__ = ["clip_starts", "fit_transform", "resample_track", "transform_points", "transform_boxes",
            "slice_audio", "audio_samples_per_clip", "motion_mask", "smooth_boxes", "fill_missing_boxes",
@@ -165,39 +165,9 @@ def smooth_boxes(boxes: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([centre - size / 2, centre + size / 2], axis=1).astype(np.float32)
 
 
-def crop_faces(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float) -> np.ndarray:
-    """Square crops around each box: uint8 (T, H, W, 3), boxes (T, 4) -> uint8 (T, size, size, 3).
-
-    The square's edge is margin * max(box w, h) around the box centre; outside the frame is black.
-    One affine warp per frame (cv2 has no batched warp).
-    """
-    crops = np.zeros((len(frames), size, size, 3), np.uint8)
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
-    edge = np.maximum((boxes[:, 2:] - boxes[:, :2]).max(axis=1) * margin, 1.0)
-    scale = size / edge
-    for t, frame in enumerate(frames):
-        shift = size / 2.0 - centre[t] * scale[t]
-        affine = np.array([[scale[t], 0, shift[0]], [0, scale[t], shift[1]]], np.float64)
-        crops[t] = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_AREA,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return crops
-
-
 # Face sizes searched near the last face, as multiples of its side: a face between two searched
 # frames rarely grows or shrinks by a third, and a miss falls back to the whole frame anyway.
 _TRACK_SIZES = (0.75, 4 / 3)
-
-
-@lru_cache(maxsize=1)
-def _haar_cascade() -> cv2.CascadeClassifier:
-    """OpenCV's bundled frontal-face Haar cascade, loaded once per worker process."""
-    if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved Haar cascades out of the main wheel
-        raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades (removed in OpenCV 5): install "
-                           "'opencv-python-headless<5', ship sidecar face_boxes, or set face.detector='none'")
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    if cascade.empty():
-        raise RuntimeError(f"could not load the Haar cascade from {cv2.data.haarcascades}")
-    return cascade
 
 
 def detect_faces_haar(frames: np.ndarray, min_side: int = 192, every: int = 1, track_search: float = 2.0,
@@ -220,7 +190,7 @@ def detect_faces_haar(frames: np.ndarray, min_side: int = 192, every: int = 1, t
     """
     if every < 1 or track_search < 0:
         raise ValueError(f"need every >= 1 and track_search >= 0, got {every}, {track_search}")
-    cascade = _haar_cascade()
+    cascade = haar_cascade()
     upscale = max(1.0, min_side / min(frames.shape[1:3]))
     searched = np.zeros(len(frames), bool)
     searched[::every] = True
@@ -231,7 +201,7 @@ def detect_faces_haar(frames: np.ndarray, min_side: int = 192, every: int = 1, t
         gray = cv2.cvtColor(frames[t], cv2.COLOR_RGB2GRAY)
         box = _haar_near(cascade, gray, last, track_search, upscale) if last is not None and track_search else None
         if box is None:
-            box = _haar_largest(cascade, gray, upscale)
+            box = largest_face(cascade, gray, upscale)
         if box is not None:
             boxes[t] = box
         last, misses = box, misses + (box is None)
@@ -249,20 +219,4 @@ def _haar_near(cascade, gray: np.ndarray, last: np.ndarray, track_search: float,
     if x1 - x0 < side or y1 - y0 < side:
         return None  # the face left the frame
     sizes = (int(_TRACK_SIZES[0] * side * upscale), int(np.ceil(_TRACK_SIZES[1] * side * upscale)))
-    return _haar_largest(cascade, gray[y0:y1, x0:x1], upscale, sizes, (x0, y0))
-
-
-def _haar_largest(cascade, gray: np.ndarray, upscale: float, sizes: tuple[int, int] | None = None,
-                  origin: tuple[int, int] = (0, 0)):
-    """Largest cascade detection in `gray` (a frame, or a window of it at `origin`) in frame pixels, or None.
-
-    `sizes`: (min, max) face side in upscaled pixels; None searches every size.
-    """
-    if upscale > 1.0:
-        gray = cv2.resize(gray, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
-    limits = {} if sizes is None else {"minSize": (sizes[0],) * 2, "maxSize": (sizes[1],) * 2}
-    found = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, **limits)
-    if not len(found):
-        return None
-    x, y, w, h = max(found, key=lambda r: r[2] * r[3])
-    return np.array([x, y, x + w, y + h], np.float32) / upscale + np.array(origin * 2, np.float32)
+    return largest_face(cascade, gray[y0:y1, x0:x1], upscale, sizes, (x0, y0))

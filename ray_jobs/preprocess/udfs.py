@@ -13,11 +13,13 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from model.audio import audio_features
+from model.face import reference_face
 from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
                          iter_video_chunks, probe)
 from model.pose import render_pose
@@ -28,7 +30,8 @@ from ray_jobs.preprocess.config import PreprocessConfig
 
 __all__ = ["StageError", "SHARD_COLUMNS", "LATENT_COLUMNS", "SUMMARY_COLUMNS", "TIMING_PREFIX", "decode_clips",
            "decode_clip_batch", "iter_clip_rows", "iter_clip_batches", "error_row", "add_audio_features", "add_pose",
-           "add_face_track", "add_motion_mask", "CPU_STAGES", "process_videos", "VaeEncoder", "write_shard"]
+           "add_face_track", "add_motion_mask", "CPU_STAGES", "process_videos", "clips_from_frames", "VaeEncoder",
+           "write_shard"]
 
 log = logging.getLogger("ray_jobs.preprocess")
 
@@ -36,8 +39,11 @@ log = logging.getLogger("ray_jobs.preprocess")
 SHARD_COLUMNS: tuple[str, ...] = (
     "video_id", "clip_index", "source", "identity_id", "split", "start_frame", "fps",
     "frames", "ref_frame", "keypoints", "pose", "audio", "audio_feats", "has_audio",
-    "face_boxes", "face_crops", "has_face", "motion_mask", "mouth_openness")
-LATENT_COLUMNS: tuple[str, ...] = ("latents", "ref_latent", "face_latents")
+    "face_boxes", "face_crops", "has_face", "ref_face_box", "ref_face_crop", "has_ref_face", "motion_mask",
+    "mouth_openness")
+# The face condition is the reference's face latent only: per-frame face crops are never encoded, so the
+# clip's own (ground-truth) mouth cannot reach the model (model/face.py).
+LATENT_COLUMNS: tuple[str, ...] = ("latents", "ref_latent", "ref_face_latent")
 # One summary row per stream row comes back to the driver (no tensors), plus the timing columns.
 SUMMARY_COLUMNS: tuple[str, ...] = ("source", "video_id", "clip_index", "source_sha256", "error_stage",
                                     "error_reason", "shard")
@@ -62,7 +68,7 @@ def _row_template(cfg: PreprocessConfig) -> dict[str, Any]:
     samples = stages.audio_samples_per_clip(t, cfg.fps, cfg.audio.features.sample_rate)
     return {"frames": np.zeros((t, h, w, 3), np.uint8), "ref_frame": np.zeros((h, w, 3), np.uint8),
             "keypoints": np.zeros((t, 17, 3), np.float32), "face_boxes": np.zeros((t, 4), np.float32),
-            "mouth_openness": np.full(t, np.nan, np.float32), "audio": np.zeros(samples, np.float32),
+            "ref_face_box": np.full(4, np.nan, np.float32), "mouth_openness": np.full(t, np.nan, np.float32), "audio": np.zeros(samples, np.float32),
             "has_audio": False, "has_keypoints": False, "has_face_boxes": False}
 
 
@@ -123,6 +129,24 @@ def iter_clip_batches(batch: dict[str, np.ndarray], cfg: PreprocessConfig) -> It
                 held.extend(rows)
     if held:
         yield _rows_to_columns(held)
+
+
+def clips_from_frames(source: str, sidecar: dict, frames: np.ndarray, wave: np.ndarray | None,
+                      cfg: PreprocessConfig) -> dict[str, np.ndarray]:
+    """Frames already at the target fps and size (rendered, not decoded) -> the columnar clip batch
+    after every CPU stage: what `process_videos` yields for a video file, minus the codec.
+
+    frames uint8 (N, cfg.height, cfg.width, 3) at cfg.fps; wave float32 (S,) at the feature sample rate
+    or None (silent). For in-process data without Ray Data or ffmpeg, e.g. `ray_jobs.pretrain_teacher`.
+    """
+    if frames.ndim != 4 or frames.shape[1:] != (cfg.height, cfg.width, 3):
+        raise ValueError(f"frames must be (N, {cfg.height}, {cfg.width}, 3), got {frames.shape}")
+    info = SimpleNamespace(fps=cfg.fps, width=cfg.width, height=cfg.height)
+    clip = _VideoClips({"source": source}, cfg, sidecar, info, "", wave)
+    batch = _rows_to_columns(clip.rows(frames, 0, len(frames)))
+    for stage in CPU_STAGES:
+        batch = stage(batch, cfg)
+    return batch
 
 
 def _rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -222,7 +246,8 @@ class _VideoClips:
                          "identity_id": str(sidecar.get("identity_id", "unknown")),
                          "split": str(sidecar.get("split", "unknown")), "fps": float(cfg.fps),
                          "source_sha256": self.sha256, "error_stage": "", "error_reason": "",
-                         "ref_frame": frames[0].copy(), "has_audio": self.wave is not None, **tracks["flags"]}
+                         "ref_frame": frames[0].copy(), "ref_face_box": _first_box(tracks),
+                         "has_audio": self.wave is not None, **tracks["flags"]}
         wave = self.wave if self.wave is not None else np.zeros(0, np.float32)
         rate, rows = cfg.audio.features.sample_rate, []
         for index, start in enumerate(starts.tolist(), start=self.done):
@@ -238,6 +263,13 @@ class _VideoClips:
         if not self.done:
             raise StageError("clip", f"shorter than one clip: {self.seen} frames at {self.cfg.fps:g} fps "
                                      f"< clip_frames={self.cfg.clip_frames}")
+
+
+def _first_box(tracks: dict) -> np.ndarray:
+    """The sidecar's face box on the video's first frame (the reference), NaN when it has none."""
+    if not tracks["flags"]["has_face_boxes"]:
+        return np.full(4, np.nan, np.float32)
+    return tracks["per_frame"]["face_boxes"][0].astype(np.float32).copy()
 
 
 def _probe(path: Path):
@@ -400,6 +432,29 @@ def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
 
     _for_each_clip(batch, "face", "face_crops", (cfg.clip_frames, face.size, face.size, 3), np.uint8, crop)
     batch["face_boxes"], batch["has_face"] = boxes_out, has_face
+    return _add_reference_faces(batch, cfg)
+
+
+def _add_reference_faces(batch: dict, cfg: PreprocessConfig) -> dict:
+    """`ref_face_crop` (B, Hf, Wf, 3), `ref_face_box` (B, 4), `has_ref_face` (B,): the reference frame's face.
+
+    The sidecar's first-frame box when the video has one, else the Haar detector on the reference
+    frame (`model.face.reference_face`, as serving does); once per video of the batch.
+    """
+    size = cfg.face.size
+    per_video: dict[str, Any] = {}
+    boxes = np.asarray(batch["ref_face_box"], np.float32).copy()
+    found = np.zeros(len(boxes), bool)
+
+    def crop(i: int) -> np.ndarray:
+        key = str(batch["video_id"][i])
+        if key not in per_video:
+            per_video[key] = reference_face(batch["ref_frame"][i], cfg.face, boxes[i], detect=cfg.face.detector == "haar")
+        boxes[i], found[i] = per_video[key].box, per_video[key].found
+        return per_video[key].crop
+
+    _for_each_clip(batch, "face", "ref_face_crop", (size, size, 3), np.uint8, crop)
+    batch["ref_face_box"], batch["has_ref_face"] = boxes, found
     return batch
 
 
@@ -411,7 +466,7 @@ def add_motion_mask(batch: dict, cfg: PreprocessConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------ VAE
 class VaeEncoder:
-    """Actor-pool UDF: loads the VAE once in __init__, encodes frames, ref frame and face crops per batch."""
+    """Actor-pool UDF: loads the VAE once in __init__, encodes frames, ref frame and its face crop per batch."""
 
     def __init__(self, cfg: PreprocessConfig):
         import torch
@@ -449,7 +504,7 @@ class VaeEncoder:
         good = batch["error_stage"].astype(object) == ""
         batch["latents"] = self._encode(np.asarray(batch["frames"]), good)
         batch["ref_latent"] = self._encode(np.asarray(batch["ref_frame"])[:, None], good)
-        batch["face_latents"] = self._encode(np.asarray(batch["face_crops"]), good)
+        batch["ref_face_latent"] = self._encode(np.asarray(batch["ref_face_crop"])[:, None], good)
         _add_seconds(batch, "vae", time.perf_counter() - start)
         return batch
 

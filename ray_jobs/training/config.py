@@ -50,13 +50,15 @@ class DeepSpeedSection(StrictConfig):
 
 
 class OptimSection(StrictConfig):
-    """AdamW with linear warmup then constant."""
+    """AdamW with linear warmup, then constant or a cosine decay to ``min_lr_ratio`` x lr at the last step."""
 
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = Field("constant", description="after warmup: constant, or cosine to the job's last step")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine: final lr / lr")
 
 
 class CheckpointSection(StrictConfig):

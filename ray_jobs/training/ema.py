@@ -17,16 +17,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "warmup_decay"]
+
+
+def warmup_decay(decay: float, step: int) -> float:
+    """The decay used at optimizer step ``step`` (1-based): min(decay, (1 + step) / (10 + step)).
+
+    diffusers' `EMAModel` schedule without `use_ema_warmup`: early on the average follows the weights
+    closely instead of holding on to the random init (a fixed 0.99 over a 260-step run kept ~7% of
+    the init and cost 1.5 dB held-out against the raw weights).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 class EMA:
-    """EMA ``θ_ema ← d θ_ema + (1 - d) θ`` over the trainable parameters of ``module``."""
+    """EMA ``θ_ema ← d θ_ema + (1 - d) θ`` over the trainable parameters of ``module``.
 
-    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int):
+    With ``warmup`` the decay ramps up as `warmup_decay`; without it every update uses ``decay``.
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.zero3 = zero_stage == 3
         self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.shadow = {n: self._local(p).detach().float().clone() for n, p in self.named}
@@ -35,9 +49,13 @@ class EMA:
         return param.ds_tensor if self.zero3 else param.data
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int | None = None) -> None:
+        """One EMA step after optimizer step ``step`` (1-based; needed for the warm-up schedule)."""
+        if self.warmup and step is None:
+            raise ValueError("EMA with warmup needs the optimizer step")
+        decay = warmup_decay(self.decay, step) if self.warmup else self.decay
         for name, param in self.named:
-            self.shadow[name].lerp_(self._local(param).float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(self._local(param).float(), 1.0 - decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "zero3": self.zero3, "shadow": self.shadow}

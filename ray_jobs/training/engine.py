@@ -8,6 +8,7 @@ have to build first. ZeRO 1-3 accept a client optimizer with `zero_allow_unteste
 from __future__ import annotations
 
 import copy
+import math
 import logging
 from typing import Any, Iterable
 
@@ -62,27 +63,44 @@ def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: in
     return deep_merge(config, section.raw_override)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], optim: OptimSection) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over ``params`` (parameters, or param-group dicts as TrainTask.param_groups may return) and a linear-warmup LambdaLR."""
+def lr_factor(optim: OptimSection, step: int, total_steps: int | None) -> float:
+    """lr multiplier at scheduler step ``step`` (0-based): linear warmup, then constant or cosine."""
+    warmup = max(optim.warmup_steps, 0)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if optim.schedule == "constant" or not total_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_adamw(params: Iterable[torch.nn.Parameter] | list[dict], optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW over the trainable ``params`` (parameters, or param-group dicts as TrainTask.param_groups gives)."""
     params = list(params)
     if params and isinstance(params[0], dict):
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
     else:
         groups = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    warmup = max(optim.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-    )
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | list[dict], optim: OptimSection,
+                    total_steps: int | None = None) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over ``params`` (parameters, or param-group dicts as TrainTask.param_groups may return) and
+    a LambdaLR of `lr_factor` (the cosine schedule needs ``total_steps``)."""
+    optimizer = build_adamw(params, optim)
+    if optim.schedule == "cosine" and not total_steps:
+        raise ValueError("optim.schedule='cosine' needs the job's total steps")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(optim, step, total_steps))
     return optimizer, scheduler
 
 
 def initialize_engine(model: torch.nn.Module, param_groups: Iterable[torch.nn.Parameter] | list[dict],
-                      optim: OptimSection, ds_config: dict[str, Any]):
+                      optim: OptimSection, ds_config: dict[str, Any], total_steps: int | None = None):
     """``deepspeed.initialize`` with our optimizer; returns the engine (optimizer/scheduler inside)."""
     import deepspeed
 
-    optimizer, scheduler = build_optimizer(param_groups, optim)
+    optimizer, scheduler = build_optimizer(param_groups, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         dist_init_required=not torch.distributed.is_initialized(),

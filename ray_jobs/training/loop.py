@@ -209,10 +209,11 @@ def _setup(cfg: TrainJobConfig, task: TrainTask) -> dict:
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts)
     model = task.build_model()
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.batch_size, world, cfg.scaling.use_gpu)
-    engine = initialize_engine(model, task.param_groups(model), cfg.optim, ds_cfg)
+    engine = initialize_engine(model, task.param_groups(model), cfg.optim, ds_cfg, total_steps=cfg.steps)
     dtype = torch.bfloat16 if resolve_precision(cfg.deepspeed, cfg.scaling.use_gpu) == "bf16" else torch.float32
     task.on_engine_ready(engine, engine.device, dtype)
-    ema = EMA(engine.module, task.ema_decay, cfg.deepspeed.zero_stage) if task.ema_decay is not None else None
+    ema = (EMA(engine.module, task.ema_decay, cfg.deepspeed.zero_stage, warmup=getattr(task, "ema_warmup", True))
+           if task.ema_decay is not None else None)
     return {"engine": engine, "ema": ema, "task": task, "rank": rank, "world": world,
             "storage": Storage(cfg.storage), "cfg": cfg}
 
@@ -233,7 +234,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         t0 = time.perf_counter()
         step_metrics = _optimizer_step(engine, task, batches, generator, cfg.deepspeed.gradient_accumulation_steps)
         if ema is not None:
-            ema.update()
+            ema.update(step)
         _maybe_inject_failure(cfg, storage, step, rank, world)
         seconds = time.perf_counter() - t0
         samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world
