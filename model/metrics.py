@@ -1,8 +1,16 @@
-"""Video quality metrics against exact ground truth: PSNR, SSIM, motion error, audio-mouth sync.
+"""Video quality metrics against exact ground truth: PSNR, SSIM, motion error, pose error, PCK, lip sync, flicker.
 
-Pure functions on uint8 or float videos shaped (T, H, W, 3). SSIM is the standard Gaussian-window
-form (Wang et al. 2004, eq. 13; window 11, σ 1.5, K1 0.01, K2 0.03) on luma, written here in torch
-because no image-metrics package is in our dependency set. FVD/LPIPS need pretrained networks that
+Pure functions. Pixel metrics take uint8 or float videos shaped (T, H, W, 3):
+- `psnr`, `ssim`: appearance per frame;
+- `motion_error`: |Δpred - Δtruth| of frame differences, which mixes pose-following with flicker;
+- `flicker`: frame-to-frame change of the prediction inside pixels static in the truth.
+Perception metrics take what a perception model (`model.perception`) detects on the video under
+test and the clip's exact labels:
+- `pose_error` (mean px) and `pck` (share within 5 % of the frame height) on keypoints (T, K, 2|3);
+- `lip_sync`: Pearson r of detected vs true mouth openness (T,).
+
+SSIM is the standard Gaussian-window form (Wang et al. 2004, eq. 13; window 11, σ 1.5, K1 0.01,
+K2 0.03) on luma, written here in torch because no image-metrics package is in our dependency set. FVD/LPIPS need pretrained networks that
 cannot be downloaded here: `register_metric` is the hook for a user who has the weights.
 """
 
@@ -14,7 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "motion_error", "mouth_sync", "frame_differences", "register_metric", "EXTRA_METRICS"]
+__all__ = ["psnr", "ssim", "motion_error", "frame_differences", "keypoint_distances", "pose_error", "pck",
+           "pck_threshold", "lip_sync", "static_mask", "flicker", "register_metric", "EXTRA_METRICS", "PCK_FRACTION",
+           "STATIC_THRESHOLD"]
+
+PCK_FRACTION = 0.05  # PCK radius as a fraction of the frame height
+STATIC_THRESHOLD = 2.0 / 255.0  # luma change (in [0, 1]) below which a true pixel counts as static
 
 EXTRA_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {}
 
@@ -81,20 +94,88 @@ def motion_error(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((dp - dt).abs().mean())
 
 
-def mouth_sync(pred: np.ndarray, mouth_boxes: np.ndarray, audio_envelope: np.ndarray) -> float:
-    """Pearson r between mouth-region luma change per frame and the audio envelope per frame.
+def _truth_xy(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True keypoints (T, K, 2) or (T, K, 3) -> (xy (T, K, 2), visible (T, K) bool: confidence > 0 and finite)."""
+    truth = np.asarray(truth, dtype=np.float64)
+    xy = truth[..., :2]
+    visible = np.isfinite(xy).all(-1)
+    if truth.shape[-1] > 2:
+        visible &= np.nan_to_num(truth[..., 2]) > 0
+    return xy, visible
 
-    ``mouth_boxes`` (T, 4) pixel boxes (x0, y0, x1, y1); ``audio_envelope`` (T,). NaN when either
-    signal is constant (e.g. a static video), which callers report as no sync.
+
+def keypoint_distances(detected: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Euclidean pixel distance (T, K) of detected (T, K, 2) to true (T, K, 2|3) keypoints; NaN where not visible."""
+    xy, visible = _truth_xy(truth)
+    detected = np.asarray(detected, dtype=np.float64)[..., :2]
+    if detected.shape != xy.shape:
+        raise ValueError(f"shape mismatch {detected.shape} vs {xy.shape}")
+    distances = np.linalg.norm(detected - xy, axis=-1)
+    return np.where(visible, distances, np.nan)
+
+
+def pose_error(detected: np.ndarray, truth: np.ndarray) -> float:
+    """Mean pixel distance of detected keypoints (T, K, 2) to the true ones (T, K, 2|3) over visible points.
+
+    ``detected`` comes from a perception model run on the video under test (`model.perception`),
+    ``truth`` from the clip's exact labels, both in the video's own pixels. NaN when nothing is visible.
     """
-    diffs = frame_differences(pred)
-    change = []
-    for t in range(diffs.shape[0]):
-        x0, y0, x1, y1 = (int(round(v)) for v in mouth_boxes[t + 1])
-        region = diffs[t, max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
-        change.append(float(region.mean()) if region.numel() else 0.0)
-    env = np.abs(np.diff(np.asarray(audio_envelope, dtype=np.float64)))
-    change_arr = np.asarray(change)
-    if change_arr.std() < 1e-12 or env.std() < 1e-12:
+    distances = keypoint_distances(detected, truth)
+    return float(np.nanmean(distances)) if np.isfinite(distances).any() else float("nan")
+
+
+def pck_threshold(height: int, fraction: float = PCK_FRACTION) -> float:
+    """PCK radius in pixels: ``fraction`` of the frame height (5 % by default: 3.2 px at 64x64)."""
+    return float(fraction) * float(height)
+
+
+def pck(detected: np.ndarray, truth: np.ndarray, height: int, fraction: float = PCK_FRACTION) -> float:
+    """Percentage of correct keypoints: share of visible keypoints within ``fraction`` x ``height`` px of the truth.
+
+    In [0, 1]; shapes as `pose_error`; NaN when nothing is visible.
+    """
+    distances = keypoint_distances(detected, truth)
+    finite = distances[np.isfinite(distances)]
+    return float((finite <= pck_threshold(height, fraction)).mean()) if finite.size else float("nan")
+
+
+def lip_sync(detected_openness: np.ndarray, true_openness: np.ndarray) -> float:
+    """Pearson r of the detected mouth openness (T,) on the video under test against the true track (T,).
+
+    The role SyncNet plays in the papers, measured against exact labels: 1 when the mouth opens and
+    closes with the truth. NaN-safe: frames where either value is NaN are dropped; NaN when the
+    truth is constant or fewer than 3 frames are left (nothing to follow); 0.0 when the detected
+    openness is constant (a still mouth, e.g. copy-the-reference, follows nothing).
+    """
+    detected = np.asarray(detected_openness, dtype=np.float64).reshape(-1)
+    truth = np.asarray(true_openness, dtype=np.float64).reshape(-1)
+    if detected.shape != truth.shape:
+        raise ValueError(f"shape mismatch {detected.shape} vs {truth.shape}")
+    keep = np.isfinite(detected) & np.isfinite(truth)
+    detected, truth = detected[keep], truth[keep]
+    if detected.size < 3 or truth.std() < 1e-9:
         return float("nan")
-    return float(np.corrcoef(change_arr, env)[0, 1])
+    if detected.std() < 1e-6:
+        return 0.0
+    return float(np.corrcoef(detected, truth)[0, 1])
+
+
+def static_mask(truth: np.ndarray, threshold: float = STATIC_THRESHOLD) -> torch.Tensor:
+    """(T-1, H, W) bool: pixels whose true luma changes by less than ``threshold`` (in [0, 1]) between frames."""
+    return frame_differences(truth) < threshold
+
+
+def flicker(pred: np.ndarray, truth: np.ndarray, threshold: float = STATIC_THRESHOLD) -> float:
+    """Mean absolute frame-to-frame luma change (in [0, 1]) of ``pred`` inside pixels static in ``truth``.
+
+    Both (T, H, W, 3). Static = true luma change below ``threshold`` (2/255 by default) between the
+    same two frames. The truth itself scores below ``threshold`` (0 on an exactly rendered static
+    background); a model that repaints the background differently each frame scores its change.
+    Unlike `motion_error` it is blind to the moving figure, so it separates flicker from motion.
+    NaN when no pixel is static.
+    """
+    dp = frame_differences(pred)
+    mask = static_mask(truth, threshold)
+    if dp.shape != mask.shape:
+        raise ValueError(f"shape mismatch {tuple(dp.shape)} vs {tuple(mask.shape)}")
+    return float(dp[mask].mean()) if bool(mask.any()) else float("nan")
