@@ -69,6 +69,10 @@ _WAN_DIMS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_ch
 # Our switches: taken from ModelConfig even when loading one of our own folders.
 _SWITCHES = ("face_injection", "aux_head", "ref_as_frame")
 
+# Checked-in models (tiny VAE, pretrained tiny teacher, ...), named in configs as ``builtin:NAME``.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+
 VAE_GEOMETRY: dict[str, tuple[int, int]] = {
     name: (kw["vae_spatial_factor"], kw["vae_temporal_factor"]) for name, kw in PRESETS.items()}
 
@@ -77,7 +81,8 @@ class ModelConfig(StrictConfig):
     """The `model:` section of every job config: which denoiser, which weights, which switches."""
 
     preset: Literal["tiny", "wan-1.3b", "wan-animate-14b"] = Field("tiny", description="dims table, see PRESETS")
-    pretrained_path: str | None = Field(None, description="diffusers folder (ours or Wan's), local or s3://; None = random init")
+    pretrained_path: str | None = Field(None, description="diffusers folder (ours or Wan's), local or s3://, or "
+                                        "builtin:tiny_teacher (model/assets); None = random init")
     vae_path: str | None = Field(None, description="AutoencoderKLWan folder, local or s3://; None = checked-in tiny VAE")
     face_injection: bool = Field(True, description="face-latent cross-attention path (DanceLCM); False removes it")
     aux_head: bool = Field(False, description="light head predicting clean latents (DanceLCM L_aux)")
@@ -87,6 +92,18 @@ class ModelConfig(StrictConfig):
                                       description="audio feature geometry; preprocessing and serving compute features with it")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="extra AnimationDenoiser kwargs over the preset table, e.g. {num_layers: 2}")
+
+    @field_validator("pretrained_path")
+    @classmethod
+    def _builtin_asset(cls, value: str | None) -> str | None:
+        """``builtin:NAME`` -> the absolute path of the checked-in folder model/assets/NAME (any cwd, any worker)."""
+        if value is None or not value.startswith(BUILTIN_PREFIX):
+            return value
+        folder = ASSETS_DIR / value.removeprefix(BUILTIN_PREFIX)
+        if not (folder / "config.json").is_file():
+            known = sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "config.json").is_file())
+            raise ValueError(f"no built-in model {value!r}; known: {[BUILTIN_PREFIX + k for k in known]}")
+        return str(folder)
 
     @field_validator("overrides")
     @classmethod

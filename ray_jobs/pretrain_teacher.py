@@ -16,6 +16,9 @@ device; the loss is `ray_jobs.train_teacher.teacher_loss`, the optimizer `build_
 `ray_jobs.training.ema.EMA`, the export `export_denoiser`. Deliberately no Ray Train/DeepSpeed: the
 whole set fits on one device, and a one-GPU machine (where this asset was fitted) need not carry Ray.
 
+A fit may continue an earlier one (``model.pretrained_path``, e.g. ``builtin:tiny_teacher``): the
+earlier fits' reports are kept in ``history``, as the tiny VAE's FIT_REPORT.json does.
+
 Step budget: ``steps``, capped by ``max_seconds`` when set: after the LR warm-up the measured rate
 fixes the total once (the cosine schedule needs it), and the report records it, so
 ``--set steps=N --set max_seconds=null`` reproduces the schedule anywhere.
@@ -281,8 +284,18 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         demo_clips = _heldout(encode_latents(demo, vae), cfg.eval.clips)
         report["demo_heldout"] = evaluate(model, vae, demo_clips, cfg.eval, cfg.objective.cfg_drop, device)
     report["total_seconds"] = time.perf_counter() - started
+    report["history"] = _history(cfg.model.pretrained_path)
     _export(model.cpu(), {k: v.cpu() for k, v in weights.items()}, report, Path(cfg.output))
     return report
+
+
+def _history(init_from: str | None) -> list[dict[str, Any]]:
+    """Earlier fits this one continues (``model.pretrained_path`` with its own FIT_REPORT.json), oldest first."""
+    if init_from is None or not (Path(init_from) / "FIT_REPORT.json").is_file():
+        return []
+    earlier = json.loads((Path(init_from) / "FIT_REPORT.json").read_text())
+    keys = ("device", "steps", "train_seconds", "samples_per_s", "config", "heldout", "demo_heldout")
+    return earlier.get("history", []) + [{k: earlier[k] for k in keys if k in earlier}]
 
 
 def _device_name(device: torch.device) -> str:
