@@ -170,8 +170,8 @@ def default_tpo_plan(
     boundary: float = 0.875,
     motion_steps: int = 5,
     fidelity_steps: int = 10,
-    motion_guidance: float = 5.0,
-    fidelity_guidance: float = 5.0,
+    motion_guidance: float = 1.5,
+    fidelity_guidance: float = 1.5,
     motion_adapter: str | None = "motion",
     fidelity_adapter: str | None = "fidelity",
 ) -> list[SegmentPlan]:
@@ -184,7 +184,8 @@ def default_tpo_plan(
     conditional (pose/audio drive motion, the reference image drives fidelity); the paper's exact
     split is not public, so every field is configurable and the split is to be swept. The boundary
     0.875 is diffusers' Wan 2.2 T2V expert boundary (PAPERS.md suggests 0.8-0.9 for sweeps); with a
-    shift of 3, a uniform 15-step table also puts about 5 steps above it.
+    shift of 3, a uniform 15-step table also puts about 5 steps above it. Guidance 1.5 is the tiny
+    teacher's measured best (model/assets/tiny_teacher/FIT_REPORT.json: 1.0 / 1.5 / 2.0); Wan uses ~5.
     """
     return [
         SegmentPlan(
