@@ -1,35 +1,62 @@
-"""Evaluation against the synthetic world's exact ground truth, shared by the pipeline and benchmarks.
+"""Evaluation against the synthetic world's exact ground truth: a library for the pipeline and benchmarks, and a job.
+
+`python -m ray_jobs.evaluate --config ray_jobs/configs/tiny/evaluate.yaml [--set model=FOLDER ...]`
 
 For every variant (a model + a sampler setting) and every held-out clip: generate from the clip's
-conditions, compare with the exact ground-truth frames (re-rendered from the sidecar when it is
-reachable, else the clip's decoded frames), and report PSNR, SSIM, motion error, audio-mouth sync,
-NFE and end-to-end seconds (VAE decode included). The copy-the-reference baseline (every frame = the
-reference frame) is always reported: a model that does not clearly beat it on motion error has not
-learned motion. The VAE round trip (the clip's own latents decoded, `Variant(..., sampler=VAE_ROUND_TRIP)`)
-is the ceiling of any model that generates in this latent space.
+conditions (`Conditions.from_batch`), compare with the exact ground truth (frames re-rendered from
+the clip's sidecar when it is reachable, with its keypoints and mouth track; else the shard's
+`frames`, `keypoints` and `mouth_openness` columns) and report per clip:
+
+* `psnr`, `ssim`: appearance; `motion_error`: frame-difference error (mixes pose-following and flicker);
+* `pose_error` (mean px) and `pck` (share of keypoints within 5 % of the frame height): keypoints
+  detected on the generated frames by the puppet perception model (`model.perception`, default the
+  checked-in `model/assets/puppet_perception/`) against the true keypoints;
+* `mouth_sync`: Pearson r of the detected mouth openness against the true openness track
+  (`model.metrics.lip_sync`; 0 for a still mouth, NaN when the truth is constant);
+* `flicker`: frame-to-frame change inside pixels static in the truth;
+* `nfe` and `seconds` end to end (VAE decode included; detection not).
+
+Reference rows: `ground_truth` (the detector run on the exact frames: its own error, the floor of
+pose_error and the ceiling of mouth_sync; added by `evaluate` unless told not to), the
+copy-the-reference baseline (every frame = the reference frame: a model that does not clearly beat
+it on PSNR and pose error has not learned to animate) and the VAE round trip (the clip's own
+latents decoded, `Variant(..., sampler=VAE_ROUND_TRIP)`: the ceiling of a model in this latent space).
+
+The job (`EvaluateConfig`) evaluates one export folder (a teacher diffusers folder, or a student
+folder with `student.json` beside its weights -> the consistency sampler on its segment edges;
+local or s3://) and writes `{output}/metrics.json` (`{"rows": [one per variant, means over clips],
+"clips": [per clip], ...}`, NaN/inf as null) and `{output}/grid.mp4` (truth | copy | model, one row per clip).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from model.conditions import Conditions
-from model.metrics import EXTRA_METRICS, motion_error, mouth_sync, psnr, ssim
-from model.storage import Storage
+from model.config import StrictConfig
+from model.metrics import EXTRA_METRICS, flicker, lip_sync, motion_error, pck, pose_error, psnr, ssim
+from model.storage import Storage, StorageConfig
 
-__all__ = ["VAE_ROUND_TRIP", "Variant", "heldout_clips", "ground_truth", "evaluate", "summarize", "write_grid"]
+__all__ = ["VAE_ROUND_TRIP", "GROUND_TRUTH", "COPY_REFERENCE", "Variant", "ClipTruth", "heldout_clips",
+           "clip_truth", "ground_truth", "evaluate", "summarize", "write_grid", "EvaluateConfig", "run", "main"]
 
 log = logging.getLogger(__name__)
 
 VAE_ROUND_TRIP = "vae_round_trip"  # a model-less Variant's sampler: decode the clip's own latents
+GROUND_TRUTH = "ground_truth"  # the row of the detector run on the exact frames
+COPY_REFERENCE = "copy_reference"
+ROW_KEYS = ("nfe", "seconds", "psnr", "ssim", "pose_error", "pck", "mouth_sync", "flicker", "motion_error")
 
 
 @dataclass
@@ -43,31 +70,60 @@ class Variant:
     drop_for_uncond: tuple[str, ...] = ("pose", "audio", "face")
 
 
-def heldout_clips(data_uri: str, storage: Storage, limit: int) -> list[dict[str, Any]]:
-    """Up to ``limit`` held-out clips (train clips if the data has no held-out split), as numpy dicts."""
+@dataclass(frozen=True)
+class ClipTruth:
+    """Exact ground truth of a clip: frames uint8 (T, H, W, 3), keypoints (T, 17, 3) pixels, mouth (T,) (NaN = unknown)."""
+
+    frames: np.ndarray
+    keypoints: np.ndarray
+    mouth: np.ndarray
+
+
+def heldout_clips(data_uri: str, storage: Storage, limit: int, split: str = "heldout") -> list[dict[str, Any]]:
+    """Up to ``limit`` clips of ``split`` (train clips if the data has none of it), as numpy dicts."""
     from ray_jobs.training.driver import take_clips
 
-    return take_clips(data_uri, storage, "heldout", limit)
+    return take_clips(data_uri, storage, split, limit)
 
 
-def ground_truth(clip: dict[str, Any], storage: Storage) -> np.ndarray:
-    """Exact frames from the puppet renderer when the source sidecar is readable, else decoded frames."""
-    from ray_jobs.synthetic.world import ground_truth_frames
-
-    frames = np.asarray(clip["frames"])
+def _read_sidecar(clip: dict[str, Any], storage: Storage) -> dict[str, Any] | None:
     sidecar_uri = str(clip.get("source", "")).rsplit(".", 1)[0] + ".json"
     try:
         sidecar = storage.read_json(sidecar_uri)
     except (OSError, ValueError):
-        return frames
-    return ground_truth_frames(sidecar, int(clip["start_frame"]), frames.shape[0], frames.shape[1], frames.shape[2])
+        return None
+    return sidecar if isinstance(sidecar, dict) and "keypoints" in sidecar else None
 
 
-def _mouth_boxes(face_boxes: np.ndarray) -> np.ndarray:
-    """Lower half of each face box, where the puppet's mouth is."""
-    boxes = np.asarray(face_boxes, dtype=np.float64).copy()
-    boxes[:, 1] = (boxes[:, 1] + boxes[:, 3]) / 2
-    return boxes
+def _shard_truth(clip: dict[str, Any]) -> ClipTruth:
+    """The shard's own columns: decoded frames, keypoints and mouth track at shard geometry (NaN when absent)."""
+    frames = np.asarray(clip["frames"])
+    count = frames.shape[0]
+    keypoints = np.asarray(clip.get("keypoints", np.full((count, 17, 3), np.nan)), dtype=np.float64)
+    mouth = np.asarray(clip.get("mouth_openness", np.full(count, np.nan)), dtype=np.float64).reshape(-1)
+    return ClipTruth(frames, keypoints, mouth)
+
+
+def clip_truth(clip: dict[str, Any], storage: Storage) -> ClipTruth:
+    """Exact frames, keypoints and mouth of a clip, re-rendered from its sidecar when readable, else its shard columns."""
+    from ray_jobs.synthetic.world import ground_truth_frames
+
+    sidecar = _read_sidecar(clip, storage)
+    if sidecar is None:
+        return _shard_truth(clip)
+    count, height, width = np.asarray(clip["frames"]).shape[:3]
+    start = int(clip["start_frame"])
+    frames = ground_truth_frames(sidecar, start, count, height, width)
+    keypoints = np.asarray(sidecar["keypoints"][start:start + count], dtype=np.float64)
+    keypoints[..., 0] *= width / sidecar["width"]
+    keypoints[..., 1] *= height / sidecar["height"]
+    mouth = np.asarray(sidecar["mouth_openness"][start:start + count], dtype=np.float64)
+    return ClipTruth(frames, keypoints, mouth)
+
+
+def ground_truth(clip: dict[str, Any], storage: Storage) -> np.ndarray:
+    """Exact frames uint8 (T, H, W, 3) from the puppet renderer when the sidecar is readable, else decoded frames."""
+    return clip_truth(clip, storage).frames
 
 
 def _generate(variant: Variant, clip: dict[str, Any], vae: Any, seed: int) -> tuple[np.ndarray, int, float]:
@@ -94,42 +150,56 @@ def _generate(variant: Variant, clip: dict[str, Any], vae: Any, seed: int) -> tu
 
 
 def evaluate(variants: list[Variant], clips: list[dict[str, Any]], vae: Any, storage: Storage,
-             seed: int = 0, keep_frames: bool = True) -> dict[str, Any]:
-    """Metrics per variant and clip; returns {"rows": [...], "frames": {variant: [clip frames]}}."""
+             seed: int = 0, keep_frames: bool = True, perception: Any = None,
+             include_ground_truth: bool = True) -> dict[str, Any]:
+    """Metrics per variant and clip (module doc); returns {"rows", "frames": {variant: [clip frames]}, "truth", "labels"}.
+
+    ``perception``: a `model.perception.PuppetPerception` (None = the checked-in one). With
+    ``include_ground_truth`` the rows start with `GROUND_TRUTH` (the detector on the exact frames).
+    """
+    from model.perception import load_perception
+
+    perception = perception if perception is not None else load_perception()
+    truths = [clip_truth(c, storage) for c in clips]
     rows, frames = [], {v.name: [] for v in variants}
-    truths = [ground_truth(c, storage) for c in clips]
+    if include_ground_truth:
+        rows += [_clip_row(GROUND_TRUTH, i, t.frames, t, perception, 0, 0.0) for i, t in enumerate(truths)]
     for variant in variants:
         if variant.model is not None:
             variant.model.eval()
         for index, (clip, truth) in enumerate(zip(clips, truths)):
             with torch.no_grad():
                 pred, nfe, seconds = _generate(variant, clip, vae, seed + index)
-            rows.append(_clip_row(variant.name, index, pred, truth, clip, nfe, seconds))
+            rows.append(_clip_row(variant.name, index, pred, truth, perception, nfe, seconds))
             if keep_frames:
                 frames[variant.name].append(pred)
         log.info("evaluated %s on %d clips", variant.name, len(clips))
-    return {"rows": rows, "frames": frames, "truth": truths}
+    return {"rows": rows, "frames": frames, "truth": [t.frames for t in truths], "labels": truths}
 
 
-def _clip_row(name: str, index: int, pred: np.ndarray, truth: np.ndarray, clip: dict, nfe: int, seconds: float) -> dict:
-    envelope = np.nan_to_num(np.asarray(clip.get("mouth_openness", np.zeros(len(truth))), dtype=np.float64))
-    row = {"variant": name, "clip": index, "psnr": psnr(pred, truth), "ssim": ssim(pred, truth),
-           "motion_error": motion_error(pred, truth),
-           "mouth_sync": mouth_sync(pred, _mouth_boxes(clip["face_boxes"]), envelope),
-           "nfe": nfe, "seconds": seconds}
-    row.update({name_: fn(pred, truth) for name_, fn in EXTRA_METRICS.items()})
+def _clip_row(name: str, index: int, pred: np.ndarray, truth: ClipTruth, perception: Any, nfe: int,
+              seconds: float) -> dict[str, Any]:
+    """One clip's metrics: pred uint8 (T, H, W, 3) against the exact truth, keypoints/mouth detected on pred."""
+    found = perception.detect(pred)
+    row = {"variant": name, "clip": index, "nfe": nfe, "seconds": seconds,
+           "psnr": psnr(pred, truth.frames), "ssim": ssim(pred, truth.frames),
+           "pose_error": pose_error(found.keypoints, truth.keypoints),
+           "pck": pck(found.keypoints, truth.keypoints, truth.frames.shape[1]),
+           "mouth_sync": lip_sync(found.mouth, truth.mouth),
+           "flicker": flicker(pred, truth.frames), "motion_error": motion_error(pred, truth.frames)}
+    row.update({name_: fn(pred, truth.frames) for name_, fn in EXTRA_METRICS.items()})
     return row
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean of each metric per variant (NaN-aware for mouth sync), in first-seen order."""
+    """Mean of each metric per variant over its clips (NaN-aware: NaN only when every clip is NaN), first-seen order."""
     table = []
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
         summary = {"variant": name, "clips": len(mine)}
         for key in [k for k in mine[0] if k not in ("variant", "clip")]:
             values = np.asarray([r[key] for r in mine], dtype=np.float64)
-            summary[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            summary[key] = float(np.nanmean(values)) if (~np.isnan(values)).any() else float("nan")
         table.append(summary)
     return table
 
@@ -149,4 +219,130 @@ def save_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float))
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every NaN / inf float replaced by None (strict JSON: null)."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 Loader = Callable[[], torch.nn.Module]
+
+
+# ------------------------------------------------------------------------------------------ job
+class EvaluateConfig(StrictConfig):
+    """Options of `python -m ray_jobs.evaluate` (example: ray_jobs/configs/tiny/evaluate.yaml)."""
+
+    model: str | None = Field(None, description="export folder (teacher diffusers folder, or student folder with "
+                                                "student.json), local, s3:// or builtin:NAME; None = reference rows only")
+    data: str = Field("outputs/shards", description="preprocessed shards folder (its manifest.json), local or s3://")
+    split: Literal["heldout", "train"] = Field("heldout", description="clips of this split (train if it has none)")
+    limit: int = Field(4, ge=1, description="clips evaluated")
+    steps: int | None = Field(None, ge=1, description="teacher: Euler steps (default 50); student: segments "
+                                                      "(default: its own edges)")
+    guidance: float = Field(1.5, ge=1.0, description="teacher CFG scale (the student never runs CFG)")
+    shift: float = Field(1.0, gt=0, description="teacher sigma-schedule shift (as its training objective.shift)")
+    name: str | None = Field(None, description="the model's row name (default 'teacher' or 'student')")
+    perception: str | None = Field(None, description="perception model folder; None = model/assets/puppet_perception")
+    vae: str | None = Field(None, description="AutoencoderKLWan folder; None = the checked-in tiny VAE")
+    output: str = Field("outputs/evaluate", description="folder for metrics.json and grid.mp4, local or s3://")
+    seed: int = Field(0, ge=0, description="noise seed of clip i is seed + i")
+    device: str = Field("cpu", description="torch device for the model, VAE and detector")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    fps: float = Field(16.0, gt=0, description="grid video frame rate when the clips do not say")
+    storage: StorageConfig = StorageConfig()
+
+
+def _folder_switches(model_uri: str, storage: Storage) -> dict[str, Any]:
+    """face_injection / ref_as_frame as saved in the folder's config.json (our denoiser records them)."""
+    for rel in ("config.json", "transformer/config.json"):
+        uri = storage.join(model_uri, rel)
+        if storage.exists(uri):
+            saved = storage.read_json(uri)
+            return {k: saved[k] for k in ("face_injection", "ref_as_frame") if k in saved}
+    return {}
+
+
+def model_variant(cfg: EvaluateConfig, storage: Storage) -> Variant:
+    """The row of ``cfg.model``: a student (student.json beside it) on its consistency edges, else a teacher with CFG."""
+    from model.presets import ModelConfig, build_denoiser
+
+    uri = ModelConfig(pretrained_path=cfg.model).pretrained_path  # builtin:NAME -> model/assets/NAME
+    if storage.exists(storage.join(uri, "student.json")):
+        from model.samplers import segment_edges
+        from ray_jobs.distill_lcm import load_student
+
+        student, edges = load_student(uri, storage, cfg.device)
+        if cfg.steps is not None and cfg.steps != len(edges) - 1:
+            edges = segment_edges(cfg.steps).tolist()
+        return Variant(cfg.name or "student", student, "consistency", {"consistency_edges": list(edges)})
+    model_cfg = ModelConfig(pretrained_path=uri, **_folder_switches(uri, storage))
+    teacher = build_denoiser(model_cfg, storage).to(cfg.device).eval()
+    kwargs = {"steps": cfg.steps or 50, "guidance": cfg.guidance, "shift": cfg.shift}
+    return Variant(cfg.name or "teacher", teacher, "euler_cfg", kwargs)
+
+
+def warm_up(variant: Variant, clip: dict[str, Any], vae: Any) -> None:
+    """One untimed generation, so no row pays a model's lazy initialisation."""
+    if variant.model is not None:
+        with torch.no_grad():
+            _generate(variant, clip, vae, seed=0)
+
+
+def _write_outputs(cfg: EvaluateConfig, storage: Storage, result: dict[str, Any], variants: list[Variant],
+                   clips: list[dict[str, Any]]) -> dict[str, Any]:
+    """{output}/metrics.json and {output}/grid.mp4 (truth | copy | model); returns the metrics document."""
+    columns = [v.name for v in variants if v.sampler != VAE_ROUND_TRIP]
+    doc = finite_or_none({"rows": summarize(result["rows"]), "clips": result["rows"], "model": cfg.model,
+                          "data": cfg.data, "split": cfg.split, "grid": "grid.mp4",
+                          "grid_columns": ["ground truth", *columns], "config": cfg.model_dump(mode="json")})
+    fps = float(clips[0].get("fps") or cfg.fps)
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = write_grid(result["frames"], result["truth"], Path(tmp) / "grid.mp4", fps, columns)
+        storage.upload_file(grid, storage.join(cfg.output, "grid.mp4"))
+    storage.write_json(storage.join(cfg.output, "metrics.json"), doc)
+    return doc
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate `cfg.model` beside the reference rows on `cfg.limit` clips; write and return metrics.json's document."""
+    from model.perception import load_perception
+    from model.vae import load_vae
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    storage = Storage(cfg.storage)
+    clips = heldout_clips(cfg.data, storage, cfg.limit, cfg.split)
+    variants = [Variant(COPY_REFERENCE, None), Variant(VAE_ROUND_TRIP, None, VAE_ROUND_TRIP)]
+    if cfg.model is not None:
+        variants.append(model_variant(cfg, storage))
+    vae = load_vae(cfg.vae, storage, device=cfg.device)
+    perception = load_perception(cfg.perception, storage, cfg.device)
+    for variant in variants:
+        warm_up(variant, clips[0], vae)
+    torch.manual_seed(cfg.seed)
+    result = evaluate(variants, clips, vae, storage, cfg.seed, perception=perception)
+    doc = _write_outputs(cfg, storage, result, variants, clips)
+    log.info("wrote %s: %s", storage.join(cfg.output, "metrics.json"), json.dumps(doc["rows"]))
+    return doc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ray_jobs.common import parse_job_config, setup_logging
+
+    setup_logging()
+    cfg = parse_job_config(EvaluateConfig, argv, description=__doc__,
+                           default_config=str(Path(__file__).parent / "configs/tiny/evaluate.yaml"))
+    doc = run(cfg)
+    print(json.dumps({"output": cfg.output, "rows": doc["rows"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,7 +11,10 @@ from typing import Any
 __all__ = ["plot_quality_vs_nfe", "plot_loss_curves", "write_report"]
 
 _COLUMNS = [("variant", "variant"), ("nfe", "NFE"), ("seconds", "seconds (e2e)"), ("psnr", "PSNR dB"),
-            ("ssim", "SSIM"), ("motion_error", "motion error"), ("mouth_sync", "mouth sync r")]
+            ("ssim", "SSIM"), ("pose_error", "pose error px"), ("pck", "PCK@5%"), ("mouth_sync", "mouth sync r"),
+            ("flicker", "flicker"), ("motion_error", "motion error")]
+_PANELS = (("psnr", "PSNR (dB, higher is better)"), ("pose_error", "pose error (px, lower is better)"),
+           ("mouth_sync", "mouth sync r (higher is better)"), ("flicker", "flicker (lower is better)"))
 
 
 def _pyplot():
@@ -24,21 +27,25 @@ def _pyplot():
 
 
 def plot_quality_vs_nfe(table: list[dict[str, Any]], out_path: Path) -> Path:
-    """Scatter of PSNR and motion error against NFE (log x), one labelled point per variant.
+    """PSNR, pose error, mouth sync and flicker against NFE (log x), one labelled point per variant.
 
-    Model-free references (0 NFE: copy the reference, VAE round trip) are dashed horizontal lines.
+    Model-free rows (0 NFE: ground truth, copy the reference, VAE round trip) are dashed horizontal
+    lines; non-finite values (the ground truth's infinite PSNR, a NaN sync) are left out.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "psnr", "PSNR (dB, higher is better)"),
-                           (axes[1], "motion_error", "motion error (lower is better)")):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, label) in zip(axes.flat, _PANELS):
         for row in table:
-            if row["nfe"] == 0:
-                ax.axhline(row[key], linestyle="--", linewidth=1, color="gray")
-                ax.annotate(row["variant"], (1, row[key]), fontsize=7, xytext=(2, 2), textcoords="offset points")
+            value = row.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
-            ax.scatter([row["nfe"]], [row[key]])
-            ax.annotate(row["variant"], (row["nfe"], row[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if row["nfe"] == 0:
+                ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+                ax.annotate(row["variant"], (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
+                            xytext=(2, 2), textcoords="offset points")
+                continue
+            ax.scatter([row["nfe"]], [value])
+            ax.annotate(row["variant"], (row["nfe"], value), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(label)
@@ -69,6 +76,8 @@ def plot_loss_curves(curves: dict[str, list[dict[str, Any]]], out_path: Path) ->
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)
