@@ -30,7 +30,7 @@ from model.presets import VAE_GEOMETRY
 from model.storage import Storage
 from serving.config import ServeAppConfig
 from serving.inputs import (AnimationRequest, InputError, check_s3_uri, check_size, decode_audio_bytes,
-                            decode_image, parse_keypoints, resolve_frames)
+                            decode_image, parse_face_box, parse_keypoints, resolve_frames)
 from serving.jobs import JobStore, new_job_id, valid_job_id
 
 __all__ = ["Animator", "Ingress", "build_app", "api"]
@@ -43,6 +43,15 @@ api = FastAPI(title="Human animation", version="1",
 
 def _error(status: int, field: str | None, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"field": field, "message": message}}, status_code=status, headers=headers)
+
+
+# Above the deployments: Serve pickles a class (and the globals it uses) when it is decorated.
+def _face_headers(face: dict[str, Any]) -> dict[str, str]:
+    """``X-Face`` (given / detected / none / off) and, when a box was used, ``X-Face-Box`` "x0,y0,x1,y1"."""
+    headers = {"X-Face": face["source"]}
+    if face["box"] is not None:
+        headers["X-Face-Box"] = ",".join(f"{v:g}" for v in face["box"])
+    return headers
 
 
 @api.exception_handler(InputError)
@@ -169,9 +178,9 @@ class Animator:
         return mp4, animation
 
     async def animate(self, request: AnimationRequest) -> dict[str, Any]:
-        """Sync path: MP4 bytes and figures."""
+        """Sync path: MP4 bytes and figures (face: `FaceReport.as_dict`)."""
         mp4, animation = await self._animate(request, None)
-        return {"mp4": mp4, "nfe": animation.nfe, "seconds": animation.seconds}
+        return {"mp4": mp4, "nfe": animation.nfe, "seconds": animation.seconds, "face": animation.face.as_dict()}
 
     async def run_job(self, job_id: str, request: AnimationRequest) -> str:
         """Async path: progress and result go to the job record; never raises (the record carries the error)."""
@@ -184,7 +193,7 @@ class Animator:
             mp4, animation = await self._animate(request, progress)
             await asyncio.to_thread(self.jobs.write_video, job_id, mp4)
             await asyncio.to_thread(self.jobs.update, job_id, status="done", nfe=animation.nfe,
-                                    seconds=animation.seconds)
+                                    seconds=animation.seconds, face=animation.face.as_dict())
             return "done"
         except Exception as exc:  # noqa: BLE001 - the job fails, the replica stays
             logger.exception("job %s failed", job_id)
@@ -243,7 +252,8 @@ class Ingress:
         return check_size(self.storage.read_bytes(uri), field, limit)
 
     def _build_request(self, image: bytes, audio: bytes | None, keypoints: bytes | None, frames: int | None,
-                       duration: float | None, fps: float | None, steps: int | None, seed: int) -> AnimationRequest:
+                       duration: float | None, fps: float | None, steps: int | None, seed: int,
+                       face_box: str | None = None) -> AnimationRequest:
         """Decode and check every input (runs in a thread: PIL and ffmpeg block)."""
         cfg, limits = self.cfg, self.cfg.limits
         fps = cfg.default_fps if fps is None else fps
@@ -256,13 +266,14 @@ class Ingress:
             raise InputError("steps", f"this student was distilled for exactly {cfg.steps} steps")
         if seed < 0 or seed >= 2**63:
             raise InputError("seed", "must lie in [0, 2**63)")
+        box = None if face_box is None else parse_face_box(face_box, "face_box", cfg.height, cfg.width)
         ref = decode_image(image, "image", cfg.height, cfg.width, limits.max_image_pixels)
         rate = cfg.model.audio.sample_rate
         wave = None if audio is None else decode_audio_bytes(audio, "audio", rate, limits.max_duration_s)
         poses = None if keypoints is None else parse_keypoints(keypoints, "keypoints", cfg.height, cfg.width)
         num_frames, source = resolve_frames(frames, duration, fps, wave, poses, rate, cfg.default_frames)
         self._check_frames(num_frames, source, fps, poses)
-        return AnimationRequest(ref, wave, poses, num_frames, fps, steps, seed)
+        return AnimationRequest(ref, wave, poses, num_frames, fps, steps, seed, face_box=box)
 
     def _check_frames(self, num_frames: int, source: str, fps: float, poses: Any) -> None:
         limits = self.cfg.limits
@@ -291,6 +302,8 @@ class Ingress:
         fps: float | None = Form(None, description="frames per second (default from the config)"),
         steps: int | None = Form(None, description="sampler steps (default from the config)"),
         seed: int = Form(0, description="noise seed"),
+        face_box: str | None = Form(None, description="JSON [x0, y0, x1, y1]: the reference's face in pixels of the "
+                                                       "output H x W (after fitting); default: detected"),
         mode: Literal["sync", "async"] = Form("sync", description="sync: answer the MP4; async: answer a job id"),
     ) -> Response:
         if pose_video is not None:
@@ -302,7 +315,7 @@ class Ingress:
         audio_bytes = await self._read(audio, audio_uri, "audio")
         keypoint_bytes = await self._read(keypoints, keypoints_uri, "keypoints")
         request = await run_in_threadpool(self._build_request, image_bytes, audio_bytes, keypoint_bytes,
-                                          frames, duration, fps, steps, seed)
+                                          frames, duration, fps, steps, seed, face_box)
         if mode == "sync":
             return await self._sync(request)
         return await self._async(request)
@@ -319,13 +332,14 @@ class Ingress:
             logger.exception("generation failed")
             return _error(500, None, f"generation failed: {type(exc).__name__}")
         headers = {"X-NFE": str(result["nfe"]), "X-Generate-Seconds": f"{result['seconds']:.3f}",
-                   "X-Frames": str(request.num_frames)}
+                   "X-Frames": str(request.num_frames), **_face_headers(result["face"])}
         return Response(result["mp4"], media_type="video/mp4", headers=headers)
 
     async def _async(self, request: AnimationRequest) -> JSONResponse:
         job_id = new_job_id()
         params = {"frames": request.num_frames, "fps": request.fps, "steps": request.steps, "seed": request.seed,
-                  "has_audio": request.audio is not None, "has_pose": request.keypoints is not None}
+                  "has_audio": request.audio is not None, "has_pose": request.keypoints is not None,
+                  "face_box": None if request.face_box is None else request.face_box.tolist()}
         await run_in_threadpool(self.jobs.create, job_id, request.steps, params)
         task = asyncio.create_task(self._dispatch(job_id, request))
         self._tasks.add(task)
@@ -359,7 +373,8 @@ class Ingress:
     @api.get("/v1/animations/{job_id}")
     async def status(self, job_id: str) -> JSONResponse:
         record = await self._record(job_id)
-        return JSONResponse({k: record[k] for k in ("id", "status", "progress", "error", "nfe", "seconds", "params")})
+        keys = ("id", "status", "progress", "error", "nfe", "seconds", "face", "params")
+        return JSONResponse({k: record.get(k) for k in keys})
 
     @api.get("/v1/animations/{job_id}/video")
     async def video(self, job_id: str) -> Response:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from model.config import StrictConfig
+from model.face import FaceCropConfig
 from model.presets import ModelConfig
 from model.storage import StorageConfig
 
@@ -80,6 +81,9 @@ class ServeAppConfig(StrictConfig):
     cfg_drop: list[Literal["ref", "pose", "audio", "face"]] = Field(
         default_factory=lambda: ["audio", "pose"], description="conditions dropped for the unconditional CFG branch")
     consistency_edges: list[float] | None = Field(None, description="the student's training segment edges (None = uniform)")
+    face: FaceCropConfig = Field(default_factory=FaceCropConfig,
+                                 description="reference face crop geometry: must equal the preprocessing `face:` "
+                                             "section the model was trained on (the defaults are the same)")
     height: int = Field(64, ge=16, description="output height; the reference is resized/cropped to it")
     width: int = Field(64, ge=16, description="output width")
     default_fps: float = Field(16.0, gt=0, description="fps when a request gives none")

@@ -12,9 +12,11 @@ Conditions from a request (shapes as in `model.conditions`):
 * ref: VAE latent of the reference image (1, C, 1, h, w).
 * audio: `model.audio.audio_features` of the 16 kHz wave (1, T, W, M); no audio -> zeros with keep False.
 * pose: `model.pose.render_pose` maps from keypoints (1, 3, T, H, W); none -> zeros with keep False.
-* face: the VAE latent of a face crop of the reference, repeated over latent frames. The crop is a
-  fixed centred upper box (top half, middle half of the width): right for the tiny synthetic puppet
-  world, whose head sits there; a real deployment would plug in a face detector here.
+* face: the VAE latent of the reference's face crop (1, C, 1, hf, wf), cut by
+  `model.face.reference_face` with the config's `face` geometry, exactly as preprocessing cut the
+  training reference's: around the client's `face_box` when given, else the face OpenCV's Haar
+  detector finds in the reference. No face found -> zeros with keep False (the learned null face);
+  the denoiser broadcasts it over latent frames. Each `Animation` says which (`FaceReport`).
 Absent conditions are present-but-dropped (keep False) rather than None so that any requests can
 be concatenated into one batch; the denoiser then uses the learned null, as for None.
 
@@ -27,13 +29,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
 from model.audio import audio_features
 from model.conditions import Conditions
+from model.face import ReferenceFace, reference_face
 from model.flow import inference_sigmas
 from model.media import mux_mp4
 from model.pose import render_pose
@@ -44,7 +47,7 @@ from model.vae import load_vae, video_to_uint8
 from serving.config import ServeAppConfig
 from serving.inputs import AnimationRequest
 
-__all__ = ["AnimationEngine", "Animation", "face_box"]
+__all__ = ["AnimationEngine", "Animation", "FaceReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +55,38 @@ ProgressFn = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
+class FaceReport:
+    """Where a request's face condition came from.
+
+    source: ``given`` (the client's face_box), ``detected`` (Haar on the reference), ``none`` (no face
+    found: the learned null face) or ``off`` (the model has no face path). box: (x0, y0, x1, y1) in
+    reference pixels for given/detected, else None.
+    """
+
+    source: Literal["given", "detected", "none", "off"]
+    box: tuple[float, float, float, float] | None = None
+
+    @classmethod
+    def of(cls, face: ReferenceFace | None, given: bool) -> "FaceReport":
+        if face is None:
+            return cls("off")
+        if not face.found:
+            return cls("none")
+        return cls("given" if given else "detected", tuple(round(float(v), 2) for v in face.box))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"source", "box"}`` (the async job record's ``face``)."""
+        return {"source": self.source, "box": None if self.box is None else list(self.box)}
+
+
+@dataclass(frozen=True)
 class Animation:
-    """One finished request: frames uint8 (T, H, W, 3), model evaluations, sampling + decode seconds."""
+    """One finished request: frames uint8 (T, H, W, 3), model evaluations, sampling + decode seconds, face used."""
 
     frames: np.ndarray
     nfe: int
     seconds: float
-
-
-def face_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of the fixed face crop: top half, middle half of the width (tiny puppet world)."""
-    return width // 4, 0, width // 4 + width // 2, height // 2
+    face: FaceReport = FaceReport("off")
 
 
 class AnimationEngine:
@@ -79,10 +103,29 @@ class AnimationEngine:
         self.vae = load_vae(cfg.model.vae_path, self.storage, self.device)
         if self.vae.spatial_factor * 2 > min(cfg.height, cfg.width) or cfg.height % self.vae.spatial_factor or cfg.width % self.vae.spatial_factor:
             raise ValueError(f"height/width {cfg.height}x{cfg.width} do not fit the VAE's spatial factor {self.vae.spatial_factor}")
+        if self.model.config.face_injection and cfg.face.size % (self.vae.spatial_factor * self.model.config.face_patch):
+            raise ValueError(f"face.size {cfg.face.size} is not a multiple of the VAE's spatial factor "
+                             f"{self.vae.spatial_factor} x the face patch {self.model.config.face_patch}")
 
     # ------------------------------------------------------------------ conditions
-    def conditions(self, request: AnimationRequest) -> Conditions:
-        """Batch-1 `Conditions` for a request, every condition present (absent ones with keep False)."""
+    def reference_face(self, request: AnimationRequest) -> ReferenceFace | None:
+        """The reference's face (the client's `face_box`, else Haar-detected); None when the model has no face path."""
+        if not self.model.config.face_injection:
+            return None
+        return reference_face(request.ref_image, self.cfg.face, box=request.face_box)
+
+    def face_condition(self, face: ReferenceFace) -> tuple[torch.Tensor, bool]:
+        """(latent (1, C, 1, hf, wf), keep): the crop's VAE latent, or zeros with keep False when no face was found."""
+        if face.found:
+            return self.vae.encode(face.crop[None, None]), True
+        side = self.cfg.face.size // self.vae.spatial_factor
+        return torch.zeros(1, self.vae.latent_channels, 1, side, side), False
+
+    def conditions(self, request: AnimationRequest, face: ReferenceFace | None = None) -> Conditions:
+        """Batch-1 `Conditions` for a request, every condition present (absent ones with keep False).
+
+        `face`: the request's `reference_face` when the caller already has it (it is computed otherwise).
+        """
         cfg, frames = self.cfg, request.num_frames
         ref = self.vae.encode(request.ref_image[None, None])  # (1, C, 1, h, w)
         audio_keep = request.audio is not None
@@ -93,12 +136,12 @@ class AnimationEngine:
                      else np.zeros((frames, cfg.height, cfg.width, 3), np.uint8))
         pose = torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
         keep = {"audio": torch.tensor([audio_keep]), "pose": torch.tensor([pose_keep])}
-        face = None
-        if self.model.config.face_injection:
-            x0, y0, x1, y1 = face_box(cfg.height, cfg.width)
-            face_latent = self.vae.encode(np.ascontiguousarray(request.ref_image[y0:y1, x0:x1])[None, None])
-            face = face_latent.repeat(1, 1, self.vae.num_latent_frames(frames), 1, 1)
-        cond = Conditions(ref_latent=ref, pose=pose, audio=audio, face=face, keep=keep)
+        face = self.reference_face(request) if face is None else face
+        face_latent = None
+        if face is not None:
+            face_latent, face_keep = self.face_condition(face)
+            keep["face"] = torch.tensor([face_keep])
+        cond = Conditions(ref_latent=ref, pose=pose, audio=audio, face=face_latent, keep=keep)
         return cond.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ sampling
@@ -126,7 +169,9 @@ class AnimationEngine:
         shape = (1, self.vae.latent_channels, self.vae.num_latent_frames(frames),
                  self.cfg.height // self.vae.spatial_factor, self.cfg.width // self.vae.spatial_factor)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r.seed)) for r in requests])
-        cond = Conditions.cat([self.conditions(r) for r in requests])
+        faces = [self.reference_face(r) for r in requests]
+        cond = Conditions.cat([self.conditions(r, f) for r, f in zip(requests, faces)])
+        reports = [FaceReport.of(f, r.face_box is not None) for r, f in zip(requests, faces)]
         callbacks = [fn for fn in (progress or []) if fn is not None]
 
         def report(p: SamplerProgress) -> None:
@@ -136,7 +181,7 @@ class AnimationEngine:
         result = self._sample(noise.to(self.device), cond, steps, report)
         video = video_to_uint8(self.vae.decode(result.x)).numpy()  # (B, T, H, W, 3)
         seconds = time.perf_counter() - start
-        return [Animation(frames=video[i], nfe=result.nfe, seconds=seconds) for i in range(len(requests))]
+        return [Animation(frames=video[i], nfe=result.nfe, seconds=seconds, face=reports[i]) for i in range(len(requests))]
 
     def render_mp4(self, request: AnimationRequest, animation: Animation) -> bytes:
         """H.264 MP4 of the frames with the request's audio (trimmed/padded to frames / fps) muxed in."""

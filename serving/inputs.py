@@ -9,6 +9,8 @@ so bad input costs no model time and never reaches the `Animator`.
 * pose: COCO-17 keypoints JSON ``[T][17][3]`` (x, y, confidence) in pixels of the model's H x W.
   A driving pose *video* needs a pose extractor (ONNX DWPose) that this app does not ship; it is
   rejected with a 422 naming ``pose_video``.
+* face box (optional): JSON ``[x0, y0, x1, y1]`` in pixels of the model's H x W (the fitted
+  reference); finite, inside the image, positive size. Without it the engine detects the face.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["InputError", "AnimationRequest", "decode_image", "decode_audio_bytes", "parse_keypoints",
-           "resolve_frames", "check_s3_uri", "check_size"]
+           "parse_face_box", "resolve_frames", "check_s3_uri", "check_size"]
 
 
 class InputError(ValueError):
@@ -36,7 +38,10 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class AnimationRequest:
-    """A validated request: ref image uint8 (H, W, 3), audio float32 (N,) 16 kHz or None, keypoints (T, 17, 3) or None."""
+    """A validated request: ref image uint8 (H, W, 3), audio float32 (N,) 16 kHz or None, keypoints (T, 17, 3) or None.
+
+    `face_box`: float32 (4,) [x0, y0, x1, y1] in ref-image pixels from the client, or None (detect it).
+    """
 
     ref_image: np.ndarray
     audio: np.ndarray | None
@@ -45,6 +50,7 @@ class AnimationRequest:
     fps: float
     steps: int
     seed: int
+    face_box: np.ndarray | None = None
 
     @property
     def shape_key(self) -> tuple[int, int]:
@@ -115,6 +121,24 @@ def parse_keypoints(data: bytes, field: str, height: int, width: int) -> np.ndar
     if keypoints[..., 0].max() > 4 * width or keypoints[..., 1].max() > 4 * height:
         raise InputError(field, f"keypoints look out of range for {width}x{height} pixels")
     return keypoints
+
+
+def parse_face_box(text: str, field: str, height: int, width: int) -> np.ndarray:
+    """JSON ``[x0, y0, x1, y1]`` (pixels of the height x width reference) -> float32 (4,); 422 naming why not."""
+    try:
+        box = np.asarray(json.loads(text), dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise InputError(field, f"not a JSON array of 4 numbers [x0, y0, x1, y1] ({exc})") from None
+    if box.shape != (4,):
+        raise InputError(field, f"must be 4 numbers [x0, y0, x1, y1], got shape {list(box.shape)}")
+    if not np.isfinite(box).all():
+        raise InputError(field, "must be finite numbers")
+    x0, y0, x1, y1 = box.tolist()
+    if x1 <= x0 or y1 <= y0:
+        raise InputError(field, f"must have positive size (x0 < x1 and y0 < y1), got {box.tolist()}")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise InputError(field, f"{box.tolist()} is not inside the {width}x{height} image (pixels of the output size)")
+    return box.astype(np.float32)
 
 
 def resolve_frames(frames: int | None, duration: float | None, fps: float, audio: np.ndarray | None,

@@ -3,7 +3,8 @@
 Layout under ``output`` (local folder or ``s3://bucket/prefix``, through `model.storage.Storage`):
 
 * ``{output}/jobs/{id}.json``: ``{"id", "status": queued|running|done|failed, "progress": {"done",
-  "total"}, "created_at", "updated_at", "error", "nfe", "seconds", "params"}``
+  "total"}, "created_at", "updated_at", "error", "nfe", "seconds", "face", "params"}``; ``face`` is
+  ``{"source": given|detected|none|off, "box": [x0, y0, x1, y1] | null}`` once done (null before).
 * ``{output}/videos/{id}.mp4``: the finished video (written before the record says done).
 
 Any replica (or a new one after a restart) answers status and video requests from the store alone.
@@ -51,7 +52,7 @@ class JobStore:
         now = time.time()
         record = {"id": job_id, "status": "queued", "progress": {"done": 0, "total": total_steps},
                   "created_at": now, "updated_at": now, "error": None, "nfe": None, "seconds": None,
-                  "params": params}
+                  "face": None, "params": params}
         self.storage.write_json(self.record_uri(job_id), record)
         return record
 

@@ -15,9 +15,12 @@ def _batch(b: int = 3) -> dict[str, torch.Tensor]:
         "ref_latent": torch.randn(b, 16, 1, 16, 16, generator=gen),
         "pose": pose,
         "audio_feats": torch.randn(b, 8, 6, 32, generator=gen),
-        "face_latents": torch.randn(b, 16, 8, 8, 8, generator=gen),
+        "ref_face_latent": torch.randn(b, 16, 1, 8, 8, generator=gen),
         "has_audio": torch.tensor([True, False, True][:b]),
-        "has_face": torch.tensor([False, True, True][:b]),
+        "has_ref_face": torch.tensor([False, True, True][:b]),
+        # the clip's per-frame face track: ground truth for evaluation, never a condition
+        "face_crops": torch.randint(0, 256, (b, 8, 32, 32, 3), dtype=torch.uint8, generator=gen),
+        "has_face": torch.tensor([True, False, False][:b]),
         "video_id": ["a", "b", "c"][:b],  # non-tensor columns are ignored
     }
 
@@ -36,6 +39,18 @@ def test_from_batch_maps_columns_and_flags():
     assert torch.equal(cond.keep_mask("face"), torch.tensor([False, True, True]))
     assert torch.equal(cond.keep_mask("ref"), torch.ones(3, dtype=torch.bool))
     assert torch.allclose(cond.audio, batch["audio_feats"].double())
+    assert cond.face.shape == (3, 16, 1, 8, 8) and torch.allclose(cond.face, batch["ref_face_latent"].double())
+
+
+def test_face_comes_from_the_reference_columns_only():
+    """`has_face` / `face_crops` (the clip's own per-frame faces) neither set the face nor its keep flag."""
+    batch = _batch()
+    cond = Conditions.from_batch(batch)
+    no_track = Conditions.from_batch({k: v for k, v in batch.items() if k not in ("face_crops", "has_face")})
+    assert torch.equal(cond.face, no_track.face) and torch.equal(cond.keep_mask("face"), no_track.keep_mask("face"))
+    assert torch.equal(cond.keep_mask("face"), batch["has_ref_face"])
+    only_track = Conditions.from_batch({k: v for k, v in batch.items() if not k.startswith(("ref_face", "has_ref"))})
+    assert only_track.face is None and not only_track.keep_mask("face").any()
 
 
 def test_from_batch_without_optional_columns_and_missing_ref():

@@ -30,7 +30,7 @@ def _inputs(batch: int = 1, seed: int = 0, face: bool = True):
         ref_latent=torch.randn(batch, 16, 1, 16, 16, generator=gen),
         pose=torch.rand(batch, 3, 8, 64, 64, generator=gen) * 2 - 1,
         audio=torch.randn(batch, 8, 6, 32, generator=gen),
-        face=torch.randn(batch, 16, 8, 8, 8, generator=gen) if face else None,
+        face=torch.randn(batch, 16, 1, 8, 8, generator=gen) if face else None,  # the reference's face latent
     )
     return x, torch.rand(batch, generator=gen), cond
 
@@ -94,8 +94,27 @@ def test_bad_shapes_are_loud():
         model(x, sigma, Conditions(cond.ref_latent, cond.pose[:, :, :4], cond.audio, cond.face))
     with torch.no_grad(), pytest.raises(ValueError, match="audio"):
         model(x, sigma, Conditions(cond.ref_latent, cond.pose, cond.audio[:, :, :, :8], cond.face))
+    with torch.no_grad(), pytest.raises(ValueError, match="face"):
+        model(x, sigma, Conditions(cond.ref_latent, cond.pose, cond.audio, cond.face.repeat(1, 1, 3, 1, 1)))
     with pytest.raises(ValueError):
         ModelConfig(overrides={"no_such_kwarg": 1})
+
+
+def test_reference_face_broadcasts_over_latent_frames():
+    """face (B, C, 1, hf, wf) acts as that face repeated on every latent frame; per-frame faces still work."""
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig()).eval()
+    _wake_zero_inits(model)
+    x, sigma, cond = _inputs(batch=2)
+    per_frame = cond.face.repeat(1, 1, x.shape[2], 1, 1)
+    with torch.no_grad():
+        once = model(x, sigma, cond)
+        repeated = model(x, sigma, Conditions(cond.ref_latent, cond.pose, cond.audio, per_frame))
+        varied = per_frame.clone()
+        varied[:, :, 3] = torch.randn_like(varied[:, :, 3])
+        other = model(x, sigma, Conditions(cond.ref_latent, cond.pose, cond.audio, varied))
+    assert torch.allclose(once, repeated, atol=1e-5)
+    assert (other - once).abs().max() > 1e-4  # per-frame faces are not collapsed to one
 
 
 def test_tiny_param_count_and_timed_train_step():

@@ -58,8 +58,8 @@ def _batch(batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
             "ref_latent": torch.randn(batch, 16, 1, 16, 16, generator=gen),
             "pose": torch.randint(0, 256, (batch, 8, 64, 64, 3), generator=gen, dtype=torch.uint8),
             "audio_feats": torch.randn(batch, 8, 6, 32, generator=gen),
-            "face_latents": torch.randn(batch, 16, 8, 8, 8, generator=gen),
-            "has_audio": torch.ones(batch, dtype=torch.bool), "has_face": torch.ones(batch, dtype=torch.bool),
+            "ref_face_latent": torch.randn(batch, 16, 1, 8, 8, generator=gen),
+            "has_audio": torch.ones(batch, dtype=torch.bool), "has_ref_face": torch.ones(batch, dtype=torch.bool),
             "motion_mask": mask}
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from model.audio import audio_features
 from model.config import ConfigError, load_config
+from model.face import reference_face
 from model.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4
 from model.pose import render_pose
 from model.storage import Storage
@@ -50,6 +51,7 @@ SCHEMA = {  # column -> (dtype, per-row shape) of docs/design.md at the tiny geo
     "keypoints": (np.float32, (T, 17, 3)), "pose": (np.uint8, (T, SIZE, SIZE, 3)),
     "audio": (np.float32, (8000,)), "audio_feats": (np.float32, (T, 6, 32)), "has_audio": (np.bool_, ()),
     "face_boxes": (np.float32, (T, 4)), "face_crops": (np.uint8, (T, 32, 32, 3)), "has_face": (np.bool_, ()),
+    "ref_face_box": (np.float32, (4,)), "ref_face_crop": (np.uint8, (32, 32, 3)), "has_ref_face": (np.bool_, ()),
     "motion_mask": (np.float32, (T, 16, 16)), "mouth_openness": (np.float32, (T,)),
     "clip_index": (np.int64, ()), "start_frame": (np.int64, ()), "fps": (np.float64, ()),
 }
@@ -140,6 +142,10 @@ def _check_clip(row: dict, videos: Path) -> None:
     np.testing.assert_allclose(row["mouth_openness"], sidecar["mouth_openness"][start:start + T], atol=1e-6)
     np.testing.assert_array_equal(row["motion_mask"], stages.motion_mask(row["frames"][None], 0.04, 4)[0])
     assert row["has_face"] and row["face_crops"].std() > 0
+    box = np.asarray(sidecar["face_boxes"][0], np.float32)  # the reference's face: the sidecar's first-frame box
+    assert row["has_ref_face"] and "face_latents" not in row
+    np.testing.assert_allclose(row["ref_face_box"], box, atol=1e-4)
+    np.testing.assert_array_equal(row["ref_face_crop"], reference_face(row["ref_frame"], _config("in", "out").face, box).crop)
     if row["has_audio"]:
         wave = decode_audio(videos / f"{name}.mp4")
         np.testing.assert_array_equal(row["audio"][: len(wave) - start * 1000], wave[start * 1000: start * 1000 + 8000])
@@ -225,7 +231,9 @@ def test_s3_run_with_silent_allowed_and_vae(ray_local, videos, s3_bucket, storag
         _check_clip({**row, "source": str(videos / Path(row["source"]).name)}, videos)
         np.testing.assert_allclose(row["latents"], vae.encode(row["frames"][None])[0].numpy(), atol=1e-4)
         np.testing.assert_allclose(row["ref_latent"], vae.encode(row["ref_frame"][None, None])[0].numpy(), atol=1e-4)
-        np.testing.assert_allclose(row["face_latents"], vae.encode(row["face_crops"][None])[0].numpy(), atol=1e-4)
+        np.testing.assert_allclose(row["ref_face_latent"], vae.encode(row["ref_face_crop"][None, None])[0].numpy(),
+                                   atol=1e-4)
+        assert row["ref_face_latent"].shape == (16, 1, 8, 8) and "face_latents" not in row
     before = _listing(storage, output)
     assert run(cfg)["clips_written"] == 0 and _listing(storage, output) == before
 
@@ -433,6 +441,20 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 haar = pytest.mark.skipif(not hasattr(cv2, "CascadeClassifier"), reason="OpenCV 5 has no Haar cascades")
 
 
+def _face_batch(clips: np.ndarray, boxes: np.ndarray | None = None, has_boxes: list[bool] | None = None) -> dict:
+    """The face stage's input as decoding makes it: clip 0 of one video per row (uint8 (B, T, H, W, 3)),
+    sidecar boxes (B, T, 4) where `has_boxes`, the reference = each clip's first frame with the sidecar's
+    first-frame box (NaN without one)."""
+    count = len(clips)
+    boxes = np.full((count, T, 4), np.nan, np.float32) if boxes is None else boxes
+    has_boxes = np.array([False] * count if has_boxes is None else has_boxes)
+    ref_boxes = np.where(has_boxes[:, None], boxes[:, 0], np.nan).astype(np.float32)
+    return {"source": np.array([f"v{i}.mp4" for i in range(count)], object), "video_id": np.array([f"v{i}" for i in range(count)], object),
+            "clip_index": np.zeros(count, np.int64), "frames": clips, "ref_frame": clips[:, 0].copy(),
+            "face_boxes": boxes, "has_face_boxes": has_boxes, "ref_face_box": ref_boxes,
+            "error_stage": np.array([""] * count, object), "error_reason": np.array([""] * count, object)}
+
+
 @haar
 @pytest.mark.parametrize("height,width", [(240, 416), (64, 64)])
 def test_haar_face_track_follows_a_moving_face(height, width):
@@ -477,11 +499,10 @@ def test_haar_track_stops_once_the_clip_cannot_have_a_face():
     half[:4] = 128  # exactly half the frames have a face: 0.5 is still reachable after 4 misses
     kept, _ = stages.detect_faces_haar(half, min_found=0.5)
     assert np.isnan(kept[:4]).all() and np.isfinite(kept[4:]).all()
-    batch = {"source": np.array(["a.mp4"], object), "clip_index": np.array([0]), "frames": frames[None],
-             "face_boxes": np.full((1, T, 4), np.nan, np.float32), "has_face_boxes": np.array([False]),
-             "error_stage": np.array([""], object), "error_reason": np.array([""], object)}
-    out = add_face_track(batch, _config("in", "out"))  # the stage passes min_detect_fraction: same verdict
+    out = add_face_track(_face_batch(frames[None]), _config("in", "out"))  # the stage passes min_detect_fraction
     assert not out["has_face"][0] and not out["face_crops"].any()
+    # the reference (frame 0) is blank: no reference face either, a zero crop and a NaN box
+    assert not out["has_ref_face"][0] and not out["ref_face_crop"].any() and np.isnan(out["ref_face_box"]).all()
 
 
 @haar
@@ -489,13 +510,15 @@ def test_face_stage_haar_counts_detections_over_searched_frames():
     frames, truth = face_track_clip(T, SIZE, SIZE)
 
     def face_stage(clip: np.ndarray, **face) -> dict:
-        batch = {"source": np.array(["a.mp4"], object), "clip_index": np.array([0]), "frames": clip[None],
-                 "face_boxes": np.full((1, T, 4), np.nan, np.float32), "has_face_boxes": np.array([False]),
-                 "error_stage": np.array([""], object), "error_reason": np.array([""], object)}
-        return add_face_track(batch, _config("in", "out", face=face))
+        return add_face_track(_face_batch(clip[None]), _config("in", "out", face=face))
 
     sparse = face_stage(frames, detect_every=4)  # 3 of 8 frames searched, a face on each
     assert sparse["has_face"][0] and _iou(sparse["face_boxes"][0], truth).min() > 0.7
+    # no sidecar: the reference's face is the Haar detection on the reference frame, cut by reference_face
+    assert sparse["has_ref_face"][0] and _iou(sparse["ref_face_box"], truth[:1]).min() > 0.8
+    expected = reference_face(frames[0], _config("in", "out").face)
+    np.testing.assert_array_equal(sparse["ref_face_crop"][0], expected.crop)
+    np.testing.assert_array_equal(sparse["ref_face_box"][0], expected.box)
     mostly_blank = frames.copy()
     mostly_blank[[1, 2, 3, 5, 6]] = 128
     assert not face_stage(mostly_blank)["has_face"][0]  # 3 of 8 < min_detect_fraction 0.5
@@ -506,14 +529,18 @@ def test_face_stage_sidecar_boxes_and_no_face_flag():
     cfg = _config("in", "out", face={"detector": "none"})
     frames = np.full((2, T, SIZE, SIZE, 3), 90, np.uint8)
     boxes = np.tile(np.array([16, 16, 48, 48], np.float32), (2, T, 1))
-    batch = {"source": np.array(["a.mp4", "b.mp4"], object), "clip_index": np.array([0, 0]), "frames": frames,
-             "face_boxes": boxes, "has_face_boxes": np.array([True, False]),
-             "error_stage": np.array(["", ""], object), "error_reason": np.array(["", ""], object)}
-    out = add_face_track(batch, cfg)
+    batch = _face_batch(frames, boxes, [True, False])
+    out = add_face_track(dict(batch), cfg)
     assert out["has_face"].tolist() == [True, False] and list(out["error_stage"]) == ["", ""]
     assert out["face_crops"].shape == (2, T, 32, 32, 3)
     assert (out["face_crops"][0] == 90).mean() > 0.9 and not out["face_crops"][1].any()
-    np.testing.assert_allclose(out["face_boxes"][0], boxes[0]) and np.testing.assert_array_equal(out["face_boxes"][1], 0)
+    np.testing.assert_allclose(out["face_boxes"][0], boxes[0])
+    np.testing.assert_array_equal(out["face_boxes"][1], 0)
+    assert out["has_ref_face"].tolist() == [True, False]  # sidecar box on the reference; none and no detector
+    np.testing.assert_array_equal(out["ref_face_box"][0], boxes[0, 0])
+    assert np.isnan(out["ref_face_box"][1]).all()
+    np.testing.assert_array_equal(out["ref_face_crop"][0], reference_face(frames[0, 0], cfg.face, boxes[0, 0]).crop)
+    assert not out["ref_face_crop"][1].any()
     haar = add_face_track({**batch, "error_stage": np.array(["", ""], object)}, _config("in", "out"))
     if not hasattr(cv2, "CascadeClassifier"):
         assert list(haar["error_stage"]) == ["", "face"] and "no Haar cascades" in haar["error_reason"][1]

@@ -38,6 +38,23 @@ def _png(width: int = 80, height: int = 96) -> bytes:
     return buf.getvalue()
 
 
+def _face_png() -> tuple[bytes, np.ndarray]:
+    """A 64x64 PNG with a Haar-detectable face (`ray_jobs.synthetic.faces`) and its exact box float32 (4,)."""
+    from PIL import Image
+
+    from ray_jobs.synthetic.faces import face_track_clip
+
+    frames, boxes = face_track_clip(1, 64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(frames[0]).save(buf, format="PNG")
+    return buf.getvalue(), boxes[0]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+    return float(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter))
+
+
 def _wav(seconds: float, rate: int = 22050) -> bytes:
     """A 440 Hz tone as 16-bit PCM WAV at `rate` (the server resamples to 16 kHz)."""
     t = np.arange(int(seconds * rate)) / rate
@@ -145,23 +162,31 @@ def test_config_yaml_passes_serve_deploy_schema():
         ServeAppConfig(api_key_env="sk-literal key")
 
 
-def test_engine_batch_of_one_matches_generate(tiny_vae):
+@pytest.fixture(scope="module")
+def engine(tiny_vae):
+    """The in-process engine: tiny preset (random init, seed 0, face path on) and the test VAE."""
     import torch
 
-    from model.generate import generate
     from serving.config import ServeAppConfig
     from serving.engine import AnimationEngine
-    from serving.inputs import AnimationRequest, decode_image
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    engine = AnimationEngine(ServeAppConfig(model={"preset": "tiny", "vae_path": tiny_vae}))
+    return AnimationEngine(ServeAppConfig(model={"preset": "tiny", "vae_path": tiny_vae}))
+
+
+def test_engine_batch_of_one_matches_generate(engine):
+    from model.generate import generate
+    from serving.inputs import AnimationRequest, decode_image
+
     ref = decode_image(_png(), "image", 64, 64, 10**6)
     audio = np.sin(np.arange(8000) / 10).astype(np.float32)
-    one = AnimationRequest(ref, audio, None, 6, FPS, 2, seed=7)
-    other = AnimationRequest(ref[::-1].copy(), None, np.asarray(json.loads(_keypoints(6)), np.float32), 6, FPS, 2, seed=3)
+    one = AnimationRequest(ref, audio, None, 6, FPS, 2, seed=7)  # no face found in the gradient: the null face
+    box = np.array([16, 4, 48, 36], np.float32)
+    other = AnimationRequest(ref[::-1].copy(), None, np.asarray(json.loads(_keypoints(6)), np.float32), 6, FPS, 2,
+                             seed=3, face_box=box)
     steps_seen = []
-    batch = engine.generate_batch([one, other], [lambda d, t: steps_seen.append((d, t)), None])
+    batch = engine.generate_batch([one, other], [lambda d, t: steps_seen.append((d, t)), None])  # with + without a face
     direct = generate(engine.model, engine.vae, engine.conditions(one), None, 6, 64, 64,
                       sampler="consistency", steps=2, seed=7)
     alone = engine.generate_batch([other])[0]
@@ -170,6 +195,36 @@ def test_engine_batch_of_one_matches_generate(tiny_vae):
     assert np.abs(batch[1].frames.astype(int) - alone.frames.astype(int)).max() <= 1
     assert not np.array_equal(batch[0].frames, batch[1].frames)
     assert steps_seen == [(1, 2), (2, 2)]
+    assert batch[0].face.as_dict() == {"source": "none", "box": None}
+    assert batch[1].face.as_dict() == alone.face.as_dict() == {"source": "given", "box": [16.0, 4.0, 48.0, 36.0]}
+
+
+@pytest.mark.skipif(not hasattr(__import__("cv2"), "CascadeClassifier"), reason="OpenCV 5 has no Haar cascades")
+def test_engine_face_condition_is_the_given_box_else_detected_else_null(engine):
+    import torch
+
+    from model.face import crop_faces, reference_face
+    from serving.inputs import AnimationRequest, decode_image
+
+    face_png, truth = _face_png()
+    faced = decode_image(face_png, "image", 64, 64, 10**6)
+    plain = decode_image(_png(), "image", 64, 64, 10**6)
+    box = np.array([10.0, 6.0, 42.0, 40.0], np.float32)  # deliberately not the detected face
+    given = engine.conditions(AnimationRequest(faced, None, None, 4, FPS, 1, 0, face_box=box))
+    crop = crop_faces(faced[None], box[None], engine.cfg.face.size, engine.cfg.face.margin)
+    assert given.face.shape == (1, 16, 1, 8, 8) and given.keep_mask("face").tolist() == [True]
+    assert torch.equal(given.face, engine.vae.encode(crop[:, None]).float())
+    detected_face = reference_face(faced, engine.cfg.face)
+    assert detected_face.found and _iou(detected_face.box, truth) > 0.8
+    detected = engine.conditions(AnimationRequest(faced, None, None, 4, FPS, 1, 0))
+    assert detected.keep_mask("face").tolist() == [True]
+    assert torch.equal(detected.face, engine.vae.encode(detected_face.crop[None, None]).float())
+    assert (detected.face - given.face).abs().max() > 1e-3  # the two crops differ, so the check can fail
+    missing = engine.conditions(AnimationRequest(plain, None, None, 4, FPS, 1, 0))  # nothing to detect
+    assert missing.keep_mask("face").tolist() == [False] and missing.face.shape == (1, 16, 1, 8, 8)
+    assert not missing.face.any()
+    [run] = engine.generate_batch([AnimationRequest(plain, None, None, 4, FPS, 1, 0)])
+    assert run.frames.shape == (4, 64, 64, 3) and run.face.source == "none"
 
 
 # --------------------------------------------------------------------------- Serve over HTTP
@@ -224,6 +279,34 @@ def test_bad_input_is_4xx_naming_the_field(serve_urls, files, data, status, fiel
     assert response.json()["error"]["field"] == field
 
 
+@pytest.mark.parametrize("box,reason", [
+    ("not json", "not a JSON array"),
+    ("[1, 2, 3]", "must be 4 numbers"),
+    ("[0, 0, 10, NaN]", "finite"),
+    ("[0, 0, Infinity, 10]", "finite"),
+    ("[10, 10, 10, 30]", "positive size"),
+    ("[30, 10, 20, 30]", "positive size"),
+    ("[40, 0, 70, 20]", "not inside the 64x64 image"),
+    ("[-1, 0, 20, 20]", "not inside the 64x64 image"),
+])
+def test_bad_face_box_is_422_with_the_reason(serve_urls, box, reason):
+    response = _post(serve_urls["s3"], {"image": ("ref.png", _png(), "image/png")}, {"face_box": box, "steps": 1})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "face_box" and reason in error["message"], error
+
+
+def test_sync_response_says_which_face_was_used(serve_urls):
+    face_png, _ = _face_png()
+    given = _post(serve_urls["local"], {"image": ("face.png", face_png, "image/png")},
+                  {"frames": 4, "steps": 1, "face_box": "[10, 6.5, 42, 40]"}, key=None)
+    assert given.status_code == 200, given.text
+    assert given.headers["X-Face"] == "given" and given.headers["X-Face-Box"] == "10,6.5,42,40"
+    faceless = _post(serve_urls["local"], {"image": ("ref.png", _png(), "image/png")}, {"frames": 4, "steps": 1}, key=None)
+    assert faceless.status_code == 200, faceless.text  # no face found: runs with the learned null face
+    assert faceless.headers["X-Face"] == "none" and "X-Face-Box" not in faceless.headers
+
+
 def test_idle_replica_runs_a_lone_request_without_waiting_to_fill_a_batch(serve_urls, tmp_path):
     # /local's batch wait is 5 s; an idle replica must not spend it on a request that has no company.
     start = time.monotonic()
@@ -236,7 +319,8 @@ def test_idle_replica_runs_a_lone_request_without_waiting_to_fill_a_batch(serve_
 
 def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_path):
     url = serve_urls["local"]
-    response = _post(url, {"image": ("ref.png", _png(), "image/png")}, {"frames": 8, "steps": 4, "mode": "async"}, key=None)
+    face_png, truth = _face_png()
+    response = _post(url, {"image": ("face.png", face_png, "image/png")}, {"frames": 8, "steps": 4, "mode": "async"}, key=None)
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     seen, deadline = [], time.monotonic() + 90
@@ -248,6 +332,8 @@ def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_p
         time.sleep(0.05)
     assert record["status"] == "done", record
     assert record["progress"] == {"done": 4, "total": 4} and record["nfe"] == 4
+    assert record["params"]["face_box"] is None and record["face"]["source"] == "detected"  # no box sent: Haar found it
+    assert _iou(np.array(record["face"]["box"]), truth) > 0.8
     assert all(a[1] <= b[1] for a, b in zip(seen, seen[1:]))  # progress never goes back
     stored = json.loads((serve_urls["local_out"] / "jobs" / f"{job_id}.json").read_text())
     assert stored["status"] == "done" and (serve_urls["local_out"] / "videos" / f"{job_id}.mp4").is_file()

@@ -36,7 +36,7 @@ def _inputs(batch: int = 2, seed: int = 0):
     cond = Conditions(ref_latent=torch.randn(batch, 16, 1, 16, 16, generator=gen),
                       pose=torch.rand(batch, 3, 8, 64, 64, generator=gen) * 2 - 1,
                       audio=torch.randn(batch, 8, 6, 32, generator=gen),
-                      face=torch.randn(batch, 16, 8, 8, 8, generator=gen))
+                      face=torch.randn(batch, 16, 1, 8, 8, generator=gen))  # the reference's face latent
     return x0, cond
 
 
@@ -158,8 +158,9 @@ def _batch(dimensions: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
     x0, cond = _inputs(batch=len(dimensions), seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     return {"ref_latent": cond.ref_latent, "pose": ((cond.pose + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1),
-            "audio_feats": cond.audio, "face_latents": cond.face,
-            "has_audio": torch.ones(len(dimensions), dtype=torch.bool), "has_face": torch.ones(len(dimensions), dtype=torch.bool),
+            "audio_feats": cond.audio, "ref_face_latent": cond.face,
+            "has_audio": torch.ones(len(dimensions), dtype=torch.bool),
+            "has_ref_face": torch.ones(len(dimensions), dtype=torch.bool),
             "winner_latents": x0, "loser_latents": x0 + 0.3 * torch.randn(x0.shape, generator=gen),
             "is_motion": torch.tensor([d == "motion" for d in dimensions])}
 
@@ -228,9 +229,9 @@ def _clip_row(i: int, rng: np.random.Generator) -> dict:
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     return {"video_id": f"v{i // 2}", "clip_index": i % 2, "identity_id": f"id{i}", "split": "train",
             "frames": frames, "ref_frame": frames[0], "keypoints": np.zeros((8, 17, 3), np.float32), "pose": pose,
-            "audio_feats": f32(8, 6, 32), "has_audio": True, "has_face": True,
+            "audio_feats": f32(8, 6, 32), "has_audio": True, "has_face": True, "has_ref_face": True,
             "face_boxes": np.tile(np.array([16, 16, 40, 40], np.float32), (8, 1)), "motion_mask": mask,
-            "latents": f32(16, 8, 16, 16), "ref_latent": f32(16, 1, 16, 16), "face_latents": f32(16, 8, 8, 8)}
+            "latents": f32(16, 8, 16, 16), "ref_latent": f32(16, 1, 16, 16), "ref_face_latent": f32(16, 1, 8, 8)}
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +290,7 @@ def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, r
         assert not np.array_equal(row["winner_latents"], row["loser_latents"])
         assert row["margin"] > 0 and np.isclose(row["winner_reward"] - row["loser_reward"], row["margin"], atol=1e-5)
         assert row["ref_latent"].shape == (16, 1, 16, 16) and row["pose"].dtype == np.uint8
+        assert row["ref_face_latent"].shape == (16, 1, 8, 8) and row["has_ref_face"]  # the reference's face only
 
 
 def _synthetic_pairs(shards: str, out: str) -> int:
@@ -298,7 +300,7 @@ def _synthetic_pairs(shards: str, out: str) -> int:
 
     from ray_jobs.training.driver import read_shards
 
-    cols = ["latents", "ref_latent", "pose", "audio_feats", "face_latents", "has_audio", "has_face"]
+    cols = ["latents", "ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face"]
     rng = np.random.default_rng(0)
     rows = []
     for clip in read_shards(shards, Storage(), split="train", columns=cols).take_all():
