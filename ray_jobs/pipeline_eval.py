@@ -134,7 +134,8 @@ def _student_meta(student_uri: str, storage: Storage) -> dict:
 
 
 def _post_animation(port: int, clip: dict) -> tuple[bytes, float]:
-    """multipart/form-data POST of the clip's reference frame and audio; returns (MP4 bytes, seconds)."""
+    """multipart/form-data POST of the clip's reference frame, audio, keypoints and reference face box (as
+    preprocessing found it); returns (MP4 bytes, seconds)."""
     import cv2
 
     from model.media import mux_mp4
@@ -143,8 +144,12 @@ def _post_animation(port: int, clip: dict) -> tuple[bytes, float]:
     audio_mp4 = mux_mp4(np.repeat(np.asarray(clip["ref_frame"])[None], 8, axis=0),
                         np.asarray(clip["audio"], dtype=np.float32), 16.0)
     boundary = uuid.uuid4().hex
-    parts = [("image", "ref.png", "image/png", png.tobytes()), ("audio", "audio.mp4", "video/mp4", audio_mp4)]
+    keypoints = json.dumps(np.asarray(clip["keypoints"], dtype=np.float64).round(2).tolist()).encode()
+    parts = [("image", "ref.png", "image/png", png.tobytes()), ("audio", "audio.mp4", "video/mp4", audio_mp4),
+             ("keypoints", "pose.json", "application/json", keypoints)]
     fields = {"frames": "8", "fps": "16", "mode": "sync", "seed": "0"}
+    if bool(clip.get("has_ref_face", False)):
+        fields["face_box"] = json.dumps(np.asarray(clip["ref_face_box"], dtype=np.float64).round(2).tolist())
     body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
                     for k, v in fields.items())
     body += b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{n}\"; filename=\"{f}\"\r\n"
