@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 VAE_ROUND_TRIP = "vae_round_trip"  # a model-less Variant's sampler: decode the clip's own latents
 GROUND_TRUTH = "ground_truth"  # the row of the detector run on the exact frames
 COPY_REFERENCE = "copy_reference"
-ROW_KEYS = ("nfe", "seconds", "psnr", "ssim", "pose_error", "pck", "mouth_sync", "flicker", "motion_error")
 
 
 @dataclass
