@@ -149,7 +149,9 @@ def _post_animation(port: int, clip: dict) -> tuple[bytes, float]:
              ("keypoints", "pose.json", "application/json", keypoints)]
     fields = {"frames": "8", "fps": "16", "mode": "sync", "seed": "0"}
     if bool(clip.get("has_ref_face", False)):
-        fields["face_box"] = json.dumps(np.asarray(clip["ref_face_box"], dtype=np.float64).round(2).tolist())
+        height, width = np.asarray(clip["ref_frame"]).shape[:2]  # the server rejects boxes outside the image
+        box = np.clip(np.asarray(clip["ref_face_box"], dtype=np.float64), 0, [width, height, width, height])
+        fields["face_box"] = json.dumps(box.round(2).tolist())
     body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
                     for k, v in fields.items())
     body += b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{n}\"; filename=\"{f}\"\r\n"

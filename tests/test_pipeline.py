@@ -11,7 +11,9 @@ from ray_jobs.pipeline import STAGES, PipelineConfig, run
 REDUCED = {
     "synthetic": {"num_videos": 4, "duration": 1.0, "num_identities": 3, "heldout_identities": 1},
     "teacher": {"steps": 3, "batch_size": 1, "checkpoint.every_n_steps": 3, "validation.steps": 1},
-    "preferences": {"max_clips": 2, "sampling.num_candidates": 2, "sampling.steps": 1},
+    # Unguarded pairs (best vs worst on each dimension): with 2 candidates and the guard, a strong teacher
+    # often leaves no pair at all, and TPO has nothing to train on.
+    "preferences": {"max_clips": 2, "sampling.num_candidates": 2, "sampling.steps": 1, "other_dimension_tolerance": None},
     "tpo": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
     "distill": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
     "evaluation": {"num_clips": 1, "teacher_steps": 2, "student_steps": [2, 1]},
