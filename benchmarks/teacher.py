@@ -16,6 +16,7 @@ error <= 0.3x copy's, lip sync r >= 0.5, flicker <= 2x the VAE round trip's, fra
 <= 0.8x copy's. The fine-tune's training samples/s on this machine is recorded too.
 
     python benchmarks/teacher.py [--data outputs/pipeline/shards] [--steps 120] [--clips 16]
+    python benchmarks/teacher.py --data outputs/pipeline/shards --finetuned outputs/pipeline/runs/teacher/export
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def _variants(trained: dict) -> list:
 
     full, plain = {"steps": 50, "guidance": 1.5}, {"steps": 50, "guidance": 1.0}
     pretrained = load("builtin:tiny_teacher")
-    return [Variant("copy_reference", None), Variant("vae_round_trip", None, VAE_ROUND_TRIP),
-            Variant("pretrained_100nfe", pretrained, "euler_cfg", full),
-            Variant("pretrained_50nfe_nocfg", pretrained, "euler_cfg", plain),
-            Variant("finetuned_100nfe", load(trained["finetuned"]["export"]), "euler_cfg", full),
-            Variant("scratch_100nfe", load(trained["scratch"]["export"]), "euler_cfg", full)]
+    variants = [Variant("copy_reference", None), Variant("vae_round_trip", None, VAE_ROUND_TRIP),
+                Variant("pretrained_100nfe", pretrained, "euler_cfg", full),
+                Variant("pretrained_50nfe_nocfg", pretrained, "euler_cfg", plain),
+                Variant("finetuned_100nfe", load(trained["finetuned"]["export"]), "euler_cfg", full)]
+    if "scratch" in trained:
+        variants.append(Variant("scratch_100nfe", load(trained["scratch"]["export"]), "euler_cfg", full))
+    return variants
 
 
 def goals(rows: dict[str, dict]) -> list[dict]:
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="preprocessed demo-world shards (default: made under --work)")
     parser.add_argument("--steps", type=int, default=120, help="fine-tune (and scratch) steps: the demo's")
     parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--finetuned", default=None, help="evaluate this fine-tuned export (with --data) instead of "
+                        "training the fine-tuned and scratch teachers")
     args = parser.parse_args()
     from model.storage import Storage
     from model.vae import load_vae
@@ -106,10 +111,13 @@ def main() -> None:
     from ray_jobs.evaluate import evaluate, heldout_clips, summarize, write_grid
 
     work = Path(args.work).resolve()
-    init_ray(RayConfig())
-    data = _ensure_data(work, args.data)
-    trained = {"finetuned": _train(work, data, "finetuned", args.steps, "builtin:tiny_teacher"),
-               "scratch": _train(work, data, "scratch", args.steps, None)}
+    if args.finetuned:  # an existing fine-tune (e.g. the demo's teacher export): no training, no Ray
+        data, trained = args.data, {"finetuned": {"export": args.finetuned, "note": "given with --finetuned"}}
+    else:
+        init_ray(RayConfig())
+        data = _ensure_data(work, args.data)
+        trained = {"finetuned": _train(work, data, "finetuned", args.steps, "builtin:tiny_teacher"),
+                   "scratch": _train(work, data, "scratch", args.steps, None)}
     storage = Storage()
     result = evaluate(_variants(trained), heldout_clips(data, storage, args.clips), load_vae(None), storage)
     table = summarize(result["rows"])
