@@ -16,8 +16,8 @@ the clip's sidecar when it is reachable, with its keypoints and mouth track; els
 * `flicker`: frame-to-frame change inside pixels static in the truth;
 * `nfe` and `seconds` end to end (VAE decode included; detection not).
 
-Reference rows: `ground_truth` (the detector run on the exact frames: its own error, the floor of
-pose_error and the ceiling of mouth_sync; added by `evaluate` unless told not to), the
+Reference rows: `ground_truth` (the detector run on the exact frames: its own error, so a row close
+to it is as good as this detector can tell; added by `evaluate` unless told not to), the
 copy-the-reference baseline (every frame = the reference frame: a model that does not clearly beat
 it on PSNR and pose error has not learned to animate) and the VAE round trip (the clip's own
 latents decoded, `Variant(..., sampler=VAE_ROUND_TRIP)`: the ceiling of a model in this latent space).

@@ -180,7 +180,8 @@ _TABLE_NOTES = [
     "generated frames by the puppet perception model (model/assets/puppet_perception) against the exact ones.",
     "Mouth sync r: Pearson r of the detected mouth openness against the true track (0 = a still mouth).",
     "Flicker: mean frame-to-frame luma change inside pixels that are static in the truth (0 = steady background).",
-    "ground_truth = the detector run on the exact frames: its own pose error and mouth sync, the best any row can show.",
+    "ground_truth = the detector run on the exact frames: its own error; a row close to it is as good as this "
+    "detector can tell.",
     "Copy reference = every frame is the reference frame: a model must beat it clearly on PSNR and pose error.",
     "VAE round trip = the clip's own latents decoded: the ceiling of any model generating in this latent space.",
 ]
