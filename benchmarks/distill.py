@@ -3,7 +3,7 @@
 Trains the students with `ray_jobs.distill_lcm.run` from the teacher export (DanceLCM K=4; plain
 single-segment CD K=1; ablations without aux head / motion loss / face injection), each for the same
 ``--steps`` (the figure reported as `training`), then evaluates on held-out identities' clips against
-the exact ground truth (`ray_jobs.evaluate`: PSNR, SSIM, motion error, audio-mouth sync, NFE and
+the exact ground truth (`ray_jobs.evaluate`: PSNR, SSIM, pose error, PCK, lip sync, flicker, motion error, NFE and
 end-to-end seconds with VAE decode):
 copy-the-reference baseline, teacher at 100 NFE (50 Euler steps with CFG), TPO at 30 NFE when TPO
 adapters exist (else reported as missing), the K=4 student at 4/2/1 steps (2 and 1 steps jump over
