@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -169,15 +168,12 @@ class PuppetPerception(ModelMixin, ConfigMixin):
         return Detection(keypoints=points, mouth=torch.cat(mouth).numpy().astype(np.float64))
 
 
-def load_perception(path: str | None = None, storage: Any = None, device: str | torch.device = "cpu") -> PuppetPerception:
-    """The perception model of a saved folder (local or ``s3://``; None = the checked-in fit), in eval mode."""
-    if path is None:
-        return PuppetPerception.from_pretrained(str(PERCEPTION_PATH)).to(device).eval()
-    if "://" in str(path):
-        if storage is None:
-            from model.storage import Storage  # lazy: storage pulls in boto3
+def load_perception(path: str | None = None, device: str | torch.device = "cpu") -> PuppetPerception:
+    """The perception model of a saved local folder (None = the checked-in fit), in eval mode.
 
-            storage = Storage()
-        with storage.local_copy(str(path), require_manifest=False) as local:
-            return PuppetPerception.from_pretrained(str(local)).to(device).eval()
-    return PuppetPerception.from_pretrained(str(path)).to(device).eval()
+    Remote folders: `artifacts.models.load_perception`.
+    """
+    from model.presets import require_local
+
+    local = PERCEPTION_PATH if path is None else require_local(str(path), "perception path")
+    return PuppetPerception.from_pretrained(str(local)).to(device).eval()

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.vae import framewise_conv_forward, past_time_taps_are_zero, zero_past_time_taps
 from ray_jobs.common import parse_job_config, setup_logging
 

@@ -24,7 +24,9 @@ Without ground truth (real data; only the conditions: `ref_frame`, `pose`, `face
 * ``ref_face_consistency`` (fidelity): mean SSIM between each frame's face box and the reference
   frame's face box (resized to it), the identity-preservation proxy without a face-ID network.
 We write these small scorers ourselves (numpy/torch) because the usual ones (Sync-C, ArcFace,
-DOVER) need pretrained networks that cannot be downloaded here; register them under new names.
+DOVER) need pretrained networks that cannot be downloaded here. A user's reward is named in the
+config by import path (``"my_pkg.rewards:lip_sync"``, optionally with a ``dimension`` attribute that
+is then checked): it is imported in every actor, where a driver-side registration would not exist.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.imports import import_object, is_import_path
 from model.metrics import motion_error, ssim
 
 __all__ = ["RewardFn", "DIMENSIONS", "REWARDS", "register_reward", "get_reward", "reward_dimension"]
@@ -56,13 +59,23 @@ def register_reward(name: str, dimension: Dimension, fn: RewardFn) -> None:
 
 
 def get_reward(name: str) -> RewardFn:
+    """A built-in reward by name, or the user's by import path ``"package.module:function"`` (works in Ray
+    actors, where a reward registered on the driver does not exist)."""
+    if is_import_path(name):
+        fn = import_object(name)
+        if not callable(fn):
+            raise TypeError(f"reward {name!r} is not callable")
+        return fn
     if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+        raise KeyError(f"unknown reward {name!r}; built in: {sorted(REWARDS)}; or give 'package.module:function'")
     return REWARDS[name][1]
 
 
-def reward_dimension(name: str) -> str:
-    get_reward(name)
+def reward_dimension(name: str) -> str | None:
+    """The reward's dimension: a built-in's, an imported function's ``dimension`` attribute, else None (unsaid)."""
+    fn = get_reward(name)
+    if is_import_path(name):
+        return getattr(fn, "dimension", None)
     return REWARDS[name][0]
 
 

@@ -20,11 +20,11 @@ import numpy as np
 
 from model.audio import audio_features
 from model.face import reference_face
-from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
+from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
                          iter_video_chunks, probe)
 from model.pose import render_pose
-from model.storage import Storage, StorageError
-from ray_jobs import shards
+from core.storage import Storage, StorageError
+from artifacts import tables as shards
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
@@ -516,7 +516,7 @@ def write_shard(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: 
     A shard's name hashes its (source, clip_index) list, so a retried task overwrites the same file
     instead of adding a duplicate. We write the Parquet ourselves instead of `Dataset.write_parquet`
     because the same pass must also split off the error rows and report which clips landed where,
-    and because tensor columns go to Parquet as raw bytes (`ray_jobs.shards`: 15x faster to encode).
+    and because tensor columns go to Parquet as raw bytes (`artifacts.tables`: 15x faster to encode).
     """
     began = time.perf_counter()
     good = np.flatnonzero(batch["error_stage"].astype(object) == "")

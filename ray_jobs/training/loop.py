@@ -27,7 +27,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from model.storage import Storage
+from core.storage import Storage
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.ema import EMA
 from ray_jobs.training.engine import deepspeed_config, initialize_engine, resolve_precision

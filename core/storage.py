@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 
 __all__ = ["StorageConfig", "Storage", "StorageError", "StorageNotFoundError", "MANIFEST_NAME"]
 
