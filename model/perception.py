@@ -32,6 +32,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from model.vae import uint8_to_signed
+
 __all__ = ["PERCEPTION_PATH", "NUM_KEYPOINTS", "Detection", "PuppetPerception", "frames_to_input",
            "mouth_crop_theta", "load_perception"]
 
@@ -71,7 +73,7 @@ def frames_to_input(frames: np.ndarray | torch.Tensor, size: int) -> tuple[torch
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3); got {tuple(video.shape)} {video.dtype}")
     height, width = video.shape[1:3]
-    x = video.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = uint8_to_signed(video.permute(0, 3, 1, 2))
     if (height, width) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x, (width / size, height / size)

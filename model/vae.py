@@ -145,7 +145,7 @@ def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     if frames.dtype == torch.uint8:
         if frames.shape[-1] != 3:
             raise ValueError(f"uint8 frames must be (B,T,H,W,3); got shape {tuple(frames.shape)}")
-        return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+        return uint8_to_signed(frames.permute(0, 4, 1, 2, 3))
     if not frames.is_floating_point():
         raise ValueError(f"frames must be uint8 or floating point; got {frames.dtype}")
     if frames.shape[1] != 3:
@@ -154,6 +154,11 @@ def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     if lo < -1.001 or hi > 1.001:  # catches [0, 255] floats passed by mistake
         raise ValueError(f"float frames must lie in [-1, 1]; got range [{lo:.3f}, {hi:.3f}]")
     return frames
+
+
+def uint8_to_signed(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any layout) -> float32 in [-1, 1] (0 -> -1, 255 -> 1): the one place this mapping lives."""
+    return pixels.float().div(127.5).sub(1.0)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ from model.pose import render_pose
 from model.presets import build_denoiser
 from model.samplers import SamplerProgress
 from model.sampling import sample
-from model.vae import video_to_uint8
+from model.vae import uint8_to_signed, video_to_uint8
 from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import AnimationRequest
 
@@ -147,7 +147,7 @@ class AnimationEngine:
         pose_keep = request.keypoints is not None
         pose_maps = (render_pose(request.keypoints, self.height, self.width) if pose_keep
                      else np.zeros((frames, self.height, self.width, 3), np.uint8))
-        pose = torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        pose = uint8_to_signed(torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None])
         keep = {"audio": torch.tensor([audio_keep]), "pose": torch.tensor([pose_keep])}
         face = self.reference_face(request) if face is None else face
         face_latent = None
