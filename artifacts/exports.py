@@ -26,7 +26,7 @@ from core.storage import Storage
 from model.denoiser import use_adapter
 from model.sampling import SamplerSpec
 
-__all__ = ["TPO_ADAPTERS", "STUDENT_ADAPTER", "LoadedExport", "export_denoiser", "export_adapters", "export_student",
+__all__ = ["TPO_ADAPTERS", "STUDENT_ADAPTER", "LoadedExport", "ExportedRun", "export_denoiser", "export_adapters", "export_student",
            "load_tpo_adapters", "load_export", "read_export_card"]
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,24 @@ def load_tpo_adapters(model: torch.nn.Module, folder: str | Path, adapters: tupl
     """Load the TPO export's adapters (local ``folder``) into the teacher ``model``."""
     for name in adapters:
         model.load_lora_adapter(str(Path(folder) / name), adapter_name=name, prefix=None, weight_name=_LORA_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class ExportedRun:
+    """What a training job returns: its export folder and card, the final metrics and the last checkpoint."""
+
+    export: str
+    card: ModelCard
+    metrics: dict
+    checkpoint: str | None
+
+    @classmethod
+    def of(cls, result: object, run_uri: str, storage: Storage) -> "ExportedRun":
+        """From Ray Train's ``Result`` of the run at ``run_uri`` (whose export is ``{run_uri}/export``)."""
+        export = storage.join(run_uri, "export")
+        checkpoint = getattr(result, "checkpoint", None)
+        return cls(export=export, card=read_export_card(export, storage), metrics=dict(getattr(result, "metrics", {})),
+                   checkpoint=None if checkpoint is None else str(checkpoint.path))
 
 
 @dataclass

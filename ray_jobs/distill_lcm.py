@@ -373,8 +373,10 @@ def _train_fn(loop_config: dict) -> None:
 
 
 def run(cfg: DistillConfig):
-    """Distil (or resume) the student; returns Ray Train's Result. Shards made with another VAE or audio
-    geometry than the student fail here, before any worker starts."""
+    """Distil (or resume) the student; returns its `ExportedRun` (export folder + model card, metrics).
+
+    Shards made with another VAE or audio geometry than the student fail here, before any worker starts.
+    """
     from artifacts.exports import read_export_card
     from artifacts.shards import data_card, read_shards, take_clip
     from ray_jobs.training.driver import fit
@@ -401,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
                            default_config=str(Path(__file__).parent / "configs/tiny/distill_lcm.yaml"))
     init_ray(cfg.ray)
     result = run(cfg)
-    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics,
-                      "checkpoint": str(result.checkpoint.path if result.checkpoint else None)}, default=str))
+    print(json.dumps({"run": cfg.run.name, "export": result.export, "metrics": result.metrics,
+                      "checkpoint": result.checkpoint}, default=str))
 
 
 if __name__ == "__main__":

@@ -108,8 +108,10 @@ def _train_fn(loop_config: dict) -> None:
 
 
 def run(cfg: TeacherConfig):
-    """Train (or resume) the teacher; returns Ray Train's Result. Shards made with another VAE or audio
-    geometry than ``cfg.model`` fail here, before any worker starts."""
+    """Train (or resume) the teacher; returns its `ExportedRun` (export folder + model card, metrics).
+
+    Shards made with another VAE or audio geometry than ``cfg.model`` fail here, before any worker starts.
+    """
     from artifacts.shards import data_card, read_shards, take_clip
     from ray_jobs.training.driver import fit
 
@@ -129,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                            default_config=str(Path(__file__).parent / "configs/tiny/train_teacher.yaml"))
     init_ray(cfg.ray)
     result = run(cfg)
-    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics,
-                      "checkpoint": str(result.checkpoint.path if result.checkpoint else None)}, default=str))
+    print(json.dumps({"run": cfg.run.name, "export": result.export, "metrics": result.metrics,
+                      "checkpoint": result.checkpoint}, default=str))
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def _train_fn(loop_config: dict) -> None:
 
 
 def run(cfg: TPOConfig):
-    """Train (or resume) both TPO adapters on the pairs folder ``cfg.data``; returns Ray Train's Result."""
+    """Train (or resume) both TPO adapters on the pairs folder ``cfg.data``; returns its `ExportedRun`."""
     from artifacts.exports import read_export_card
     from artifacts.pairs import read_pairs
     from ray_jobs.training.driver import fit
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                            default_config=str(Path(__file__).parent / "configs/tiny/train_tpo.yaml"))
     init_ray(cfg.ray)
     result = run(cfg)
-    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics}, default=str))
+    print(json.dumps({"run": cfg.run.name, "export": result.export, "metrics": result.metrics}, default=str))
 
 
 if __name__ == "__main__":

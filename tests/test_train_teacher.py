@@ -45,6 +45,8 @@ def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_buck
     first = run(_config(tiny_data, steps=2, **{"run.storage_path": f"{s3_bucket}/runs", "run.name": "teacher-s3",
                                                "run.tensorboard": True}))
     assert first.metrics["step"] == 2
+    assert first.export == f"{run_uri}/export" and first.card.kind == "teacher"  # the job returns its artifact
+    assert first.card.frames.height == 64 and first.card.sampler.shift == 1.0
     assert _metric_steps(storage, run_uri) == [1, 2]
     assert storage.dir_complete(f"{run_uri}/export")
     assert storage.list(f"{run_uri}/validation", suffixes=".mp4")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from artifacts.exports import ExportedRun
 from core.storage import Storage
 from ray_jobs.training.config import TrainJobConfig
 
@@ -16,8 +17,10 @@ __all__ = ["fit"]
 log = logging.getLogger(__name__)
 
 
-def fit(cfg: TrainJobConfig, train_fn: Callable[[dict], None], train_loop_config: dict, datasets: dict):
-    """Run ``train_fn`` on ``cfg.scaling`` workers; resume from ``{storage_path}/{run.name}`` if present."""
+def fit(cfg: TrainJobConfig, train_fn: Callable[[dict], None], train_loop_config: dict, datasets: dict) -> ExportedRun:
+    """Run ``train_fn`` on ``cfg.scaling`` workers; resume from ``{storage_path}/{run.name}`` if present.
+
+    Returns the run's artifact: its export folder with the model card, final metrics, last checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -41,4 +44,4 @@ def fit(cfg: TrainJobConfig, train_fn: Callable[[dict], None], train_loop_config
     )
     result = trainer.fit()
     log.info("run %s finished: %s", cfg.run.name, result.metrics)
-    return result
+    return ExportedRun.of(result, storage.join(cfg.run.storage_path, cfg.run.name), storage)
