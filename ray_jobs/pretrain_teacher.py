@@ -225,9 +225,8 @@ def evaluate(model: Any, vae: Any, clips: dict[str, np.ndarray], ev: EvalSection
 
     Truth is the rendered frames themselves (exact: no codec in this job).
     """
-    from model.flow import inference_sigmas
     from model.metrics import motion_error, psnr, ssim
-    from model.samplers import sample_euler_cfg
+    from model.sampling import SamplerSpec, sample
     from model.vae import video_to_uint8
 
     model.eval()
@@ -240,7 +239,8 @@ def evaluate(model: Any, vae: Any, clips: dict[str, np.ndarray], ev: EvalSection
     nfe = {"copy_reference": 0, "vae_round_trip": 0}
     for guidance in ev.guidances:
         name = f"teacher_g{guidance:g}"
-        result = sample_euler_cfg(model, noise, inference_sigmas(ev.steps, ev.shift), cond, cond.drop(cfg_drop), guidance)
+        spec = SamplerSpec(kind="euler_cfg", steps=ev.steps, guidance=guidance, shift=ev.shift, cfg_drop=list(cfg_drop))
+        result = sample(model, noise, cond, spec)
         videos[name], nfe[name] = video_to_uint8(vae.decode(result.x)).numpy(), result.nfe
     rows = []
     for name, video in videos.items():

@@ -276,10 +276,11 @@ def tiny_vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    """A tiny denoiser export folder (random init; the jobs only need the teacher's format)."""
+    """A tiny denoiser export folder (random init, 2 of the preset's 4 blocks: half the compute of every
+    DPO step; the jobs only need the teacher's format and read the depth from its saved config)."""
     folder = tmp_path_factory.mktemp("teacher") / "export"
     torch.manual_seed(0)
-    model = build_denoiser(ModelConfig())
+    model = build_denoiser(ModelConfig(overrides={"num_layers": 2}))
     _wake(model, scale=0.02)
     model.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
