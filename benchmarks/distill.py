@@ -57,7 +57,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def train_students(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Distil each student (resumes when the run exists); returns per student its export and training time."""
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.distill_lcm import DistillConfig, run
 
     trained = {}
@@ -78,45 +78,40 @@ def _plain(metrics: dict) -> dict:
     return {k: float(v) if isinstance(v, (int, float, np.generic)) else str(v) for k, v in metrics.items()}
 
 
-def _tpo_variant(args: argparse.Namespace, base: torch.nn.Module):
-    """TPO at 30 NFE with the motion/fidelity adapters, or None when they do not exist."""
-    from model.denoiser import use_adapter
+def _tpo_variant(args: argparse.Namespace):
+    """TPO with the motion/fidelity experts as its export's card samples it (30 NFE), or None when it does not exist."""
+    from artifacts.exports import load_export
+    from core.storage import Storage
     from ray_jobs.evaluate import Variant
 
-    folders = {name: Path(args.tpo) / name for name in ("motion", "fidelity")}
-    if not all((f / "pytorch_lora_weights.safetensors").is_file() for f in folders.values()):
+    if not all((Path(args.tpo) / name / "pytorch_lora_weights.safetensors").is_file() for name in ("motion", "fidelity")):
         return None
-    for name, folder in folders.items():
-        base.load_lora_adapter(str(folder), adapter_name=name, prefix=None, weight_name="pytorch_lora_weights.safetensors")
-    return Variant("tpo_30nfe", base, sampler="tpo", sampler_kwargs={"adapter_switch": lambda n: use_adapter(base, n)})
+    tpo = load_export(args.tpo, Storage(), base_model=args.teacher)  # base given: exports before cards lack it
+    return Variant(f"tpo_{tpo.sampler.nfe}nfe", tpo.model, tpo.sampler, tpo.adapter_switch)
 
 
 def build_variants(args: argparse.Namespace, trained: dict[str, dict]) -> tuple[list, list[str]]:
     """Evaluation rows (baseline, teacher, TPO, students) and notes on anything missing."""
-    from model.presets import ModelConfig, build_denoiser
-    from model.samplers import segment_edges
-    from ray_jobs.distill_lcm import load_student
-    from ray_jobs.evaluate import VAE_ROUND_TRIP, Variant
+    from artifacts.exports import load_export
+    from core.storage import Storage
+    from ray_jobs.evaluate import Variant
 
-    teacher = build_denoiser(ModelConfig(pretrained_path=args.teacher)).eval()
-    variants = [Variant("copy_reference", None), Variant("vae_round_trip", None, sampler=VAE_ROUND_TRIP),
-                Variant("teacher_100nfe", teacher, sampler="euler_cfg",
-                        sampler_kwargs={"steps": 50, "guidance": args.teacher_guidance})]
+    teacher = load_export(args.teacher, Storage())
+    spec = teacher.sampler.model_copy(update={"steps": 50, "guidance": args.teacher_guidance})
+    variants = [Variant.copy_reference(), Variant.round_trip(), Variant("teacher_100nfe", teacher.model, spec)]
     notes = []
-    tpo = _tpo_variant(args, build_denoiser(ModelConfig(pretrained_path=args.teacher)).eval())
+    tpo = _tpo_variant(args)
     if tpo is None:
         notes.append(f"TPO adapters not found under {args.tpo}: TPO row omitted")
     else:
         variants.append(tpo)
     for name, info in trained.items():
-        model, edges = load_student(info["export"])
+        student = load_export(info["export"], Storage())
         if name == "dancelcm_k4":
-            for steps, table in ((4, edges), (2, segment_edges(2).tolist()), (1, [0.0, 1.0])):
-                variants.append(Variant(f"student_{steps}step", model, sampler="consistency",
-                                        sampler_kwargs={"consistency_edges": table}))
+            for steps in (4, 2, 1):
+                variants.append(Variant(f"student_{steps}step", student.model, student.sampler.consistency_at(steps)))
         else:
-            variants.append(Variant(f"{name}_{len(edges) - 1}step", model, sampler="consistency",
-                                    sampler_kwargs={"consistency_edges": edges}))
+            variants.append(Variant(f"{name}_{student.sampler.nfe}step", student.model, student.sampler))
     return variants, notes
 
 
@@ -162,7 +157,7 @@ def plot_quality_vs_nfe(table: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from model.storage import Storage
+    from core.storage import Storage
     from model.vae import load_vae
     from ray_jobs.common import RayConfig, init_ray
     from ray_jobs.evaluate import evaluate, heldout_clips, summarize, write_grid
@@ -184,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     ray.shutdown()
     evaluation = evaluate(variants, clips, load_vae(args.vae), storage)
     table = summarize(evaluation["rows"])
-    grid_columns = [n for n in ("teacher_100nfe", "tpo_30nfe", "student_4step") if n in evaluation["frames"]]
+    grid_columns = [n for n in evaluation["frames"] if n in ("teacher_100nfe", "student_4step") or n.startswith("tpo_")]
     write_grid(evaluation["frames"], evaluation["truth"], out / "distill_grid.mp4", fps=16.0, columns=grid_columns)
     plot_quality_vs_nfe(table, out / "distill_quality_vs_nfe.png")
     report = {"goals": goals(table), "summary": table, "rows": evaluation["rows"], "training": trained,

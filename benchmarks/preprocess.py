@@ -50,7 +50,7 @@ def _decode_only(batch: dict, fps: float, size: int, clip_frames: int, stride: i
     """The decode half of the pipeline alone: one ffmpeg run per file, count the clips it yields."""
     import numpy as np
 
-    from model.media import decode_video
+    from core.media import decode_video
 
     counts = [max(0, (len(decode_video(str(source), fps, (size, size), threads=threads)) - clip_frames) // stride + 1)
               for source in batch["source"]]
@@ -133,7 +133,7 @@ def _input_batch(video: Path) -> dict:
 
 def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dict:
     """Milliseconds per video of each step, in-process on one core, best of `repeats` (where the time goes)."""
-    from model.media import decode_audio, decode_video, decode_video_and_audio
+    from core.media import decode_audio, decode_video, decode_video_and_audio
     from ray_jobs.preprocess import udfs
 
     source = sorted(videos.glob("*.mp4"))[0]

@@ -36,7 +36,7 @@ WHOLE_MB = 1 << 20  # a window larger than any video here: decoded whole
 
 def _make_source(root: Path, seconds: int) -> Path:
     """A 720p 25 fps H.264 + 44.1 kHz stereo AAC file and its sidecar (a still skeleton, a face box)."""
-    from model.media import ffmpeg_exe
+    from core.media import ffmpeg_exe
 
     video = root / f"src{seconds}.mp4"
     subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y",

@@ -110,7 +110,7 @@ def _post(url: str, files: dict, data: dict) -> tuple[int, float, bytes]:
 
 
 def _valid_mp4(content: bytes, frames: int) -> bool:
-    from model.media import MediaError, probe
+    from core.media import MediaError, probe
 
     with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
         tmp.write(content)
@@ -134,7 +134,7 @@ def measure_overhead(url: str, args_dict: dict, files: dict, data: dict, repeats
 
     def in_process() -> float:
         start = time.perf_counter()
-        ref = decode_image(files["image"][1], "image", cfg.height, cfg.width, cfg.limits.max_image_pixels)
+        ref = decode_image(files["image"][1], "image", engine.height, engine.width, cfg.limits.max_image_pixels)
         wave = decode_audio_bytes(files["audio"][1], "audio", 16000, cfg.limits.max_duration_s)
         from serving.inputs import AnimationRequest
 

@@ -35,7 +35,7 @@ def _ensure_data(work: Path, data: str | None) -> str:
         if not Path(data, "manifest.json").exists():
             raise SystemExit(f"--data {data}: no manifest.json there (preprocessed shards expected)")
         return data
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.preprocess.config import PreprocessConfig
     from ray_jobs.preprocess.job import run as preprocess
     from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
@@ -51,7 +51,7 @@ def _ensure_data(work: Path, data: str | None) -> str:
 
 def _train(work: Path, data: str, name: str, steps: int, pretrained: str | None) -> dict:
     """The teacher job with the tiny config; returns its export path, wall time and samples/s."""
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.train_teacher import TeacherConfig, run as train_teacher
 
     start = time.perf_counter()
@@ -65,20 +65,23 @@ def _train(work: Path, data: str, name: str, steps: int, pretrained: str | None)
 
 
 def _variants(trained: dict) -> list:
-    from model.presets import ModelConfig, build_denoiser
-    from ray_jobs.evaluate import VAE_ROUND_TRIP, Variant
+    from artifacts.exports import load_export
+    from core.storage import Storage
+    from model.presets import ModelConfig
+    from model.sampling import SamplerSpec
+    from ray_jobs.evaluate import Variant
 
     def load(path: str):
-        return build_denoiser(ModelConfig(pretrained_path=path)).eval()
+        return load_export(ModelConfig(pretrained_path=path).pretrained_path, Storage()).model
 
-    full, plain = {"steps": 50, "guidance": 1.5}, {"steps": 50, "guidance": 1.0}
+    full, plain = SamplerSpec(steps=50, guidance=1.5), SamplerSpec(steps=50, guidance=1.0)
     pretrained = load("builtin:tiny_teacher")
-    variants = [Variant("copy_reference", None), Variant("vae_round_trip", None, VAE_ROUND_TRIP),
-                Variant("pretrained_100nfe", pretrained, "euler_cfg", full),
-                Variant("pretrained_50nfe_nocfg", pretrained, "euler_cfg", plain),
-                Variant("finetuned_100nfe", load(trained["finetuned"]["export"]), "euler_cfg", full)]
+    variants = [Variant.copy_reference(), Variant.round_trip(),
+                Variant("pretrained_100nfe", pretrained, full),
+                Variant("pretrained_50nfe_nocfg", pretrained, plain),
+                Variant("finetuned_100nfe", load(trained["finetuned"]["export"]), full)]
     if "scratch" in trained:
-        variants.append(Variant("scratch_100nfe", load(trained["scratch"]["export"]), "euler_cfg", full))
+        variants.append(Variant("scratch_100nfe", load(trained["scratch"]["export"]), full))
     return variants
 
 
@@ -105,7 +108,7 @@ def main() -> None:
     parser.add_argument("--finetuned", default=None, help="evaluate this fine-tuned export (with --data) instead of "
                         "training the fine-tuned and scratch teachers")
     args = parser.parse_args()
-    from model.storage import Storage
+    from core.storage import Storage
     from model.vae import load_vae
     from ray_jobs.common import RayConfig, init_ray
     from ray_jobs.evaluate import evaluate, heldout_clips, summarize, write_grid

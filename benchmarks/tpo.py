@@ -35,7 +35,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _prepare(work: Path, args) -> dict:
     """Synthesize, preprocess, train the teacher, make pairs, train TPO; return paths and seconds."""
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.preferences import PreferencesConfig, run as make_pairs
     from ray_jobs.preprocess.config import PreprocessConfig
     from ray_jobs.preprocess.job import run as preprocess
@@ -102,18 +102,19 @@ def _teacher_curve(work: Path) -> list[dict]:
     return curve
 
 
-def _variants(boundary: float) -> dict:
-    """name -> generate() kwargs (sampler settings)."""
-    from model.samplers import SegmentPlan, default_tpo_plan
+def _variants(boundary: float, guidance: float) -> dict:
+    """name -> `SamplerSpec` (the teacher rows at ``guidance``; the TPO plans at `default_tpo_plan`'s guidance)."""
+    from model.samplers import default_tpo_plan
+    from model.sampling import SamplerSpec
 
     def plan(motion_steps, fidelity_steps, motion="motion", fidelity="fidelity"):
-        return {"sampler": "tpo", "tpo_plan": default_tpo_plan(boundary, motion_steps, fidelity_steps,
-                                                               motion_adapter=motion, fidelity_adapter=fidelity)}
+        return SamplerSpec(kind="tpo", tpo_plan=default_tpo_plan(boundary, motion_steps, fidelity_steps,
+                                                                 motion_adapter=motion, fidelity_adapter=fidelity))
 
     dense_motion = max(1, round(50 * (1 - boundary)))
     return {
-        "a_teacher_100nfe": {"sampler": "euler_cfg", "steps": 50},
-        "b_teacher_30nfe": {"sampler": "euler_cfg", "steps": 15},
+        "a_teacher_100nfe": SamplerSpec(steps=50, guidance=guidance),
+        "b_teacher_30nfe": SamplerSpec(steps=15, guidance=guidance),
         "c_tpo_30nfe": plan(5, 10),
         "d_motion_adapter_only": plan(5, 10, fidelity=None),
         "d_fidelity_adapter_only": plan(5, 10, motion=None),
@@ -125,31 +126,28 @@ def _variants(boundary: float) -> dict:
 
 
 def _evaluate(paths: dict, args) -> dict:
+    from artifacts.exports import load_export
+    from artifacts.models import load_vae
+    from artifacts.shards import take_clips
+    from core.storage import Storage
     from model.conditions import Conditions
     from model.denoiser import use_adapter
     from model.generate import generate
     from model.metrics import psnr, ssim
-    from model.presets import ModelConfig, build_denoiser
-    from model.storage import Storage
-    from model.vae import load_vae
     from ray_jobs.preferences.rewards import gt_fidelity, gt_motion
-    from ray_jobs.train_tpo import load_tpo_adapters
-    from ray_jobs.training.driver import take_clips
 
-    model = build_denoiser(ModelConfig(pretrained_path=paths["teacher"])).eval()
-    load_tpo_adapters(model, paths["tpo"])
-    vae = load_vae(args.vae_path)
+    tpo = load_export(paths["tpo"], Storage())  # the teacher + both experts, from the TPO card
+    model = tpo.model
+    vae = load_vae(args.vae_path, Storage())
     clips = take_clips(str(Path(args.work) / "shards"), Storage(), split="heldout", limit=args.eval_clips)
     figures = {}
-    for name, kwargs in _variants(args.boundary).items():
+    for name, spec in _variants(args.boundary, args.guidance).items():
         rows = []
         for clip in clips:
             batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in clip.items() if isinstance(v, np.ndarray)}
             cond = Conditions.from_batch(batch)
             use_adapter(model, None)
-            switch = (lambda a: use_adapter(model, a)) if kwargs["sampler"] == "tpo" else None
-            out = generate(model, vae, cond, cond.drop({"pose", "audio", "face"}), num_frames=8, guidance=None
-                           if kwargs["sampler"] == "tpo" else args.guidance, adapter_switch=switch, seed=0, **kwargs)
+            out = generate(model, vae, cond, num_frames=8, spec=spec, adapter_switch=tpo.adapter_switch, seed=0)
             frames = out.frames.numpy()
             rows.append([gt_motion(frames, clip), gt_fidelity(frames, clip), psnr(frames, clip["frames"]),
                          ssim(frames, clip["frames"]), out.nfe, out.seconds])

@@ -25,7 +25,7 @@ RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
 def make_shards(root: Path) -> str:
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.preprocess.config import PreprocessConfig
     from ray_jobs.preprocess.job import run as preprocess
     from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
@@ -38,7 +38,7 @@ def make_shards(root: Path) -> str:
 
 
 def teacher_config(data: str, root: Path, name: str, steps: int, workers: int, zero: int):
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.train_teacher import TeacherConfig
 
     return load_config(TeacherConfig, "ray_jobs/configs/tiny/train_teacher.yaml", {
@@ -51,9 +51,9 @@ def plain_loop(cfg, steps: int) -> list[float]:
     """Seconds per step of a single-process AdamW loop over the same shards and task."""
     import ray.data
 
-    from model.storage import Storage
+    from core.storage import Storage
     from ray_jobs.train_teacher import TRAIN_COLUMNS, TeacherTask
-    from ray_jobs.training.driver import read_shards
+    from artifacts.shards import read_shards
 
     rows = read_shards(cfg.data, Storage(), "train", TRAIN_COLUMNS).take_all()
     batches = [{k: torch.as_tensor(np.stack([r[k] for r in rows[i:i + 2]])) for k in TRAIN_COLUMNS}

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from model.vae import TINY_VAE_PATH, VAEConfig, VideoVAE, load_vae
-from ray_jobs.fit_vae import FitVAEConfig, build_tiny_vae, face_crops, psnr, render_identity_frames
+from ray_jobs.fit_vae import FitVAEConfig, build_tiny_vae, FACE_MARGIN, render_identity_frames
+from model.face import crop_faces
+from model.metrics import psnr
 from ray_jobs.fit_vae import _identities as fit_identities
 
 RESULTS = Path(__file__).parent / "results" / "vae.json"
@@ -31,13 +33,13 @@ def heldout_pixels(num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
     for index, identity in enumerate(fit_identities(FitVAEConfig())["heldout"]):
         clip, boxes = render_identity_frames(identity, num_frames, np.random.default_rng(100 + index), size=64)
         frames.append(clip)
-        faces.append(face_crops(clip, boxes, 32))
+        faces.append(crop_faces(clip, boxes, 32, FACE_MARGIN))
     return torch.from_numpy(np.concatenate(frames))[None], torch.from_numpy(np.concatenate(faces))[None]
 
 
 def measure(vae: VideoVAE, pixels: torch.Tensor) -> float:
     recon = vae.decode(vae.encode(pixels))
-    return float(psnr(pixels.permute(0, 4, 1, 2, 3).float() / 127.5 - 1, recon))
+    return float(psnr(pixels.permute(0, 4, 1, 2, 3).float() / 255, (recon + 1) / 2))
 
 
 def timed_ms(fn, repeats: int = 5) -> float:

@@ -1,1 +1,1 @@
-"""Networks, losses, samplers and the shared plumbing (configs, storage, media I/O) of the animation model."""
+"""The animation model: networks, conditions, flow math, losses, samplers, VAE, presets, metrics (local paths only)."""

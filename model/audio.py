@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 from pydantic import Field, model_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 
 __all__ = ["AudioFeatureConfig", "audio_features", "mel_filterbank", "wav2vec2_features"]
 

@@ -168,4 +168,6 @@ def _pose_to_float(pose_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 pose maps (B, T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
     if pose_uint8.ndim != 5 or pose_uint8.shape[-1] != 3:
         raise ValueError(f"pose column must be (B, T, H, W, 3), got {tuple(pose_uint8.shape)}")
-    return pose_uint8.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+    from model.vae import uint8_to_signed
+
+    return uint8_to_signed(pose_uint8.permute(0, 4, 1, 2, 3))

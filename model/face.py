@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 
 __all__ = ["FaceCropConfig", "ReferenceFace", "haar_cascade", "largest_face", "detect_face", "crop_faces",
            "reference_face"]

@@ -54,6 +54,11 @@ def psnr(pred: np.ndarray, truth: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
+def luma(video: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(T, H, W, 3) uint8 (or float in [0, 1]) -> (T, H, W) float64 BT.601 luma in [0, 1]."""
+    return _luma(_as_float(video))[:, 0].numpy()
+
+
 def _luma(video: torch.Tensor) -> torch.Tensor:
     """(T, H, W, 3) -> (T, 1, H, W) ITU-R BT.601 luma."""
     weights = torch.tensor([0.299, 0.587, 0.114], dtype=video.dtype)

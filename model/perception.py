@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from model.vae import uint8_to_signed
 
 __all__ = ["PERCEPTION_PATH", "NUM_KEYPOINTS", "Detection", "PuppetPerception", "frames_to_input",
            "mouth_crop_theta", "load_perception"]
@@ -72,7 +73,7 @@ def frames_to_input(frames: np.ndarray | torch.Tensor, size: int) -> tuple[torch
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
         raise ValueError(f"frames must be uint8 (T, H, W, 3); got {tuple(video.shape)} {video.dtype}")
     height, width = video.shape[1:3]
-    x = video.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = uint8_to_signed(video.permute(0, 3, 1, 2))
     if (height, width) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x, (width / size, height / size)
@@ -169,15 +170,12 @@ class PuppetPerception(ModelMixin, ConfigMixin):
         return Detection(keypoints=points, mouth=torch.cat(mouth).numpy().astype(np.float64))
 
 
-def load_perception(path: str | None = None, storage: Any = None, device: str | torch.device = "cpu") -> PuppetPerception:
-    """The perception model of a saved folder (local or ``s3://``; None = the checked-in fit), in eval mode."""
-    if path is None:
-        return PuppetPerception.from_pretrained(str(PERCEPTION_PATH)).to(device).eval()
-    if "://" in str(path):
-        if storage is None:
-            from model.storage import Storage  # lazy: storage pulls in boto3
+def load_perception(path: str | None = None, device: str | torch.device = "cpu") -> PuppetPerception:
+    """The perception model of a saved local folder (None = the checked-in fit), in eval mode.
 
-            storage = Storage()
-        with storage.local_copy(str(path), require_manifest=False) as local:
-            return PuppetPerception.from_pretrained(str(local)).to(device).eval()
-    return PuppetPerception.from_pretrained(str(path)).to(device).eval()
+    Remote folders: `artifacts.models.load_perception`.
+    """
+    from model.presets import require_local
+
+    local = PERCEPTION_PATH if path is None else require_local(str(path), "perception path")
+    return PuppetPerception.from_pretrained(str(local)).to(device).eval()

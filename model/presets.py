@@ -11,8 +11,8 @@ extra-module dims. ``tiny`` is only a config of the same class (no second code p
   image path (image_dim 1280, added_kv_proj_dim 5120) is deliberately off: the reference enters
   as a latent (see `model.denoiser`), so those checkpoint tensors are reported unused.
 
-Loading (`build_denoiser` with ``pretrained_path``, local folder or ``s3://`` through
-`model.storage.Storage.local_copy`; a pipeline folder with a ``transformer/`` subfolder works too):
+Loading (`build_denoiser` with ``pretrained_path``, a local folder; ``s3://`` ones go through
+`artifacts.models.load_denoiser`; a pipeline folder with a ``transformer/`` subfolder works too):
 * an `AnimationDenoiser` folder (our `save_pretrained`): its saved config is used, except the
   switches ``face_injection``, ``aux_head``, ``ref_as_frame`` which come from this config (so a
   teacher folder can seed a student with an aux head); weights load by name, new modules initialise.
@@ -23,20 +23,19 @@ Loading (`build_denoiser` with ``pretrained_path``, local folder or ``s3://`` th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 
 from model.audio import AudioFeatureConfig
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.denoiser import AnimationDenoiser, LoadReport, load_transformer_weights
 
-__all__ = ["ModelConfig", "PRESETS", "preset_kwargs", "build_denoiser", "count_parameters", "VAE_GEOMETRY"]
+__all__ = ["ModelConfig", "PRESETS", "preset_kwargs", "build_denoiser", "count_parameters", "VAE_GEOMETRY", "require_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +128,22 @@ def preset_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-@contextlib.contextmanager
-def _local_folder(path: str, storage: Any) -> Iterator[Path]:
-    """A local folder for `path`; s3:// goes through Storage.local_copy (lazy import: boto3)."""
-    if storage is None:
-        from model.storage import Storage, StorageConfig
+def require_local(path: str, what: str) -> Path:
+    """``path`` as a local Path; a remote URI is an error naming the loader that fetches it (model/ reads no storage)."""
+    if "://" in str(path):
+        raise ValueError(f"{what} {path!r} is remote: model/ reads local folders only; load it through "
+                         "artifacts.models (which copies it down with the job's storage settings)")
+    return Path(path)
 
-        storage = Storage(StorageConfig())
-    with storage.local_copy(path) as local:
-        local = Path(local)
-        if (local / "transformer" / "config.json").is_file():
-            local = local / "transformer"  # a whole pipeline folder
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers model folder (no config.json)")
-        yield local
+
+def _model_folder(path: str) -> Path:
+    """The diffusers model folder at local `path` (a pipeline folder's ``transformer/`` too)."""
+    local = require_local(path, "pretrained_path")
+    if (local / "transformer" / "config.json").is_file():
+        local = local / "transformer"  # a whole pipeline folder
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers model folder (no config.json)")
+    return local
 
 
 def _kwargs_for_folder(cfg: ModelConfig, folder_config: dict[str, Any]) -> dict[str, Any]:
@@ -170,15 +171,18 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def build_denoiser(cfg: ModelConfig, storage: Any = None) -> AnimationDenoiser:
-    """Random-init `cfg.preset`, or load `cfg.pretrained_path` (ours or Wan's; see module doc)."""
+def build_denoiser(cfg: ModelConfig) -> AnimationDenoiser:
+    """Random-init `cfg.preset`, or load the local folder `cfg.pretrained_path` (ours or Wan's; see module doc).
+
+    Remote folders are loaded by `artifacts.models.load_denoiser`, which copies them down first.
+    """
     if cfg.pretrained_path is None:
         model = AnimationDenoiser(**preset_kwargs(cfg))
     else:
-        with _local_folder(cfg.pretrained_path, storage) as folder:
-            folder_config = json.loads((folder / "config.json").read_text())
-            model = AnimationDenoiser(**_kwargs_for_folder(cfg, folder_config))
-            report = load_transformer_weights(model, folder)
+        folder = _model_folder(cfg.pretrained_path)
+        folder_config = json.loads((folder / "config.json").read_text())
+        model = AnimationDenoiser(**_kwargs_for_folder(cfg, folder_config))
+        report = load_transformer_weights(model, folder)
         _log_report(cfg.pretrained_path, report)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()

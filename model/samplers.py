@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.flow import cfg_velocity, euler_step, inference_sigmas, noise_from_velocity, shift_sigmas, x0_from_velocity
 
 __all__ = [

@@ -6,8 +6,8 @@ sees roughly unit-variance latents whatever VAE is loaded.
 
 * tiny default: a checked-in `AutoencoderKLWan` folder (`model/assets/tiny_vae/`, fitted to the
   synthetic puppet world by `ray_jobs.fit_vae`): z_dim 16, spatial factor 4, temporal factor 1.
-* real presets: the Wan 2.1 / 2.2 VAE as a diffusers folder, local or ``s3://`` (copied through
-  `model.storage.Storage`).
+* real presets: the Wan 2.1 / 2.2 VAE as a local diffusers folder (remote ones are copied down by
+  `artifacts.models.load_vae`).
 
 Where we deliberately do not call diffusers' own `decode`: `AutoencoderKLWan._decode` keeps the
 whole decoded clip in one growing tensor on the model's device. `VideoVAE.iter_decode` runs the same
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from pydantic import Field
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 
 __all__ = ["VAEConfig", "VideoVAE", "load_vae", "TINY_VAE_PATH", "frames_to_model_input", "video_to_uint8",
            "is_framewise", "past_time_taps_are_zero", "zero_past_time_taps", "framewise_conv_forward"]
@@ -145,7 +145,7 @@ def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     if frames.dtype == torch.uint8:
         if frames.shape[-1] != 3:
             raise ValueError(f"uint8 frames must be (B,T,H,W,3); got shape {tuple(frames.shape)}")
-        return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+        return uint8_to_signed(frames.permute(0, 4, 1, 2, 3))
     if not frames.is_floating_point():
         raise ValueError(f"frames must be uint8 or floating point; got {frames.dtype}")
     if frames.shape[1] != 3:
@@ -154,6 +154,11 @@ def frames_to_model_input(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
     if lo < -1.001 or hi > 1.001:  # catches [0, 255] floats passed by mistake
         raise ValueError(f"float frames must lie in [-1, 1]; got range [{lo:.3f}, {hi:.3f}]")
     return frames
+
+
+def uint8_to_signed(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any layout) -> float32 in [-1, 1] (0 -> -1, 255 -> 1): the one place this mapping lives."""
+    return pixels.float().div(127.5).sub(1.0)
 
 
 def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -332,31 +337,27 @@ class VideoVAE:
         return video_to_uint8(video)
 
 
-def _resolve_local_dir(path: str, storage: Any) -> Path:
-    """A local folder for `path`; ``s3://`` URIs are copied down through `model.storage.Storage`."""
-    if "://" in path:
-        if storage is None:
-            from model.storage import Storage, StorageConfig  # lazy: storage pulls in boto3
+def _vae_folder(path: str) -> Path:
+    """The local AutoencoderKLWan folder at `path` (remote ones: `artifacts.models.load_vae`)."""
+    from model.presets import require_local
 
-            storage = Storage(StorageConfig())
-        import tempfile
-
-        target = Path(tempfile.mkdtemp(prefix="vae-"))  # kept for the process: weights are read lazily
-        return storage.download_dir(path, target)
-    local = Path(path)
+    local = require_local(path, "vae path")
     if not (local / "config.json").is_file():
         raise FileNotFoundError(f"{local} is not a diffusers AutoencoderKLWan folder (no config.json)")
     return local
 
 
-def load_vae(path: str | None = None, storage: Any = None, device: str | torch.device | None = None,
+def load_vae(path: str | None = None, device: str | torch.device | None = None,
              config: VAEConfig | None = None) -> VideoVAE:
-    """Load an `AutoencoderKLWan` folder (local or s3://; None = the tiny checked-in VAE) as a `VideoVAE`."""
+    """Load a local `AutoencoderKLWan` folder (None = the tiny checked-in VAE) as a `VideoVAE`.
+
+    Remote folders: `artifacts.models.load_vae` copies them down and calls this.
+    """
     from diffusers import AutoencoderKLWan
 
     config = config or VAEConfig()
     path = path if path is not None else config.path
-    local = TINY_VAE_PATH if path is None else _resolve_local_dir(str(path), storage)
+    local = TINY_VAE_PATH if path is None else _vae_folder(str(path))
     vae = AutoencoderKLWan.from_pretrained(str(local), torch_dtype=_DTYPES[config.dtype])
     if device is not None:
         vae.to(device)

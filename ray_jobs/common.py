@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar
 
 from pydantic import Field
 
-from model.config import ConfigError, StrictConfig, load_config
+from core.config import ConfigError, StrictConfig, load_config
 
 __all__ = ["RayConfig", "WorkerScaling", "parse_job_config", "init_ray", "setup_logging"]
 

@@ -21,9 +21,9 @@ have to gather all parameters (`deepspeed.zero.GatheredParameters`), which defea
 so the config rejects zero_stage 3 loudly. The target is part of each rank's checkpoint (the task's
 `state_dict`, saved by the shared loop as task_rank{r}.pt), so a resume continues the same EMA.
 
-Export: full student -> a diffusers folder (loadable by `build_denoiser`); LoRA student -> the peft
-adapter (`adapter/`) plus the aux-free base path; both with `student.json` (segment edges, format),
-which `load_student` reads and `sample_consistency` needs.
+Export (`artifacts.exports.export_student`): full student -> a diffusers folder; LoRA student -> the
+peft adapter (`adapter/`) over the teacher; both with the model card (`student_card`: consistency
+sampling on the segment edges), which `artifacts.exports.load_export` reads.
 """
 
 from __future__ import annotations
@@ -38,24 +38,26 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from artifacts.card import DataCard, ModelCard, check_data_matches_model
+from artifacts.exports import export_student
+from core.storage import Storage
 from model.conditions import CONDITION_NAMES, Conditions
-from model.config import StrictConfig
+from model.sampling import SamplerSpec
+from core.config import StrictConfig
 from model.flow import add_noise, cfg_velocity, euler_step
 from model.losses import consistency_distillation_loss, fine_solver_grid, motion_weight_map, pseudo_huber, sample_consistency_pair
 from model.presets import ModelConfig
 from model.samplers import SegmentPlan, default_tpo_plan, segment_edges, validate_segments
 from ray_jobs.common import init_ray, parse_job_config, setup_logging
-from ray_jobs.train_teacher import TRAIN_COLUMNS, export_denoiser, validation_sample
+from ray_jobs.training.teacher_objective import TRAIN_COLUMNS
+from ray_jobs.training.validation import validation_sample
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
 __all__ = ["DistillObjective", "StudentSection", "TeacherSource", "DistillConfig", "DistillTask",
-           "teacher_jump", "distill_losses", "update_target", "load_student", "run", "main", "STUDENT_JSON"]
+           "teacher_jump", "distill_losses", "update_target", "student_card", "run", "main"]
 
 log = logging.getLogger(__name__)
-
-STUDENT_JSON = "student.json"
-
 
 class DistillObjective(StrictConfig):
     """DanceLCM objective; every component is a switch so an ablation is one `--set` away."""
@@ -68,8 +70,8 @@ class DistillObjective(StrictConfig):
     teacher_cfg: bool = Field(True, description="CFG in the teacher step (guidance distilled in); False = conditional only")
     w_min: float = Field(1.5, ge=1.0, description="CFG scale drawn per clip from U[w_min, w_max]")
     w_max: float = Field(3.0, ge=1.0)
-    drop_for_uncond: list[str] = Field(default_factory=lambda: ["pose", "audio", "face"],
-                                       description="conditions set to their nulls in the teacher's unconditional branch")
+    drop_for_uncond: list[str] | None = Field(None, description="conditions set to their nulls in the teacher's "
+                                              "unconditional branch; None = the teacher card's cfg_drop")
     huber_c: float = Field(1e-3, gt=0, description="pseudo-Huber c (per element, LCM code)")
     target_ema_decay: float = Field(0.95, ge=0, lt=1, description="target network θ⁻ ← d θ⁻ + (1-d) θ")
     aux: bool = Field(True, description="aux head on the student predicting clean latents (L_aux)")
@@ -83,7 +85,7 @@ class DistillObjective(StrictConfig):
     def _check(self) -> "DistillObjective":
         if self.w_min > self.w_max:
             raise ValueError(f"w_min {self.w_min} > w_max {self.w_max}")
-        unknown = set(self.drop_for_uncond) - set(CONDITION_NAMES)
+        unknown = set(self.drop_for_uncond or ()) - set(CONDITION_NAMES)
         if unknown:
             raise ValueError(f"drop_for_uncond has unknown conditions {sorted(unknown)}")
         if self.edges is not None and len(self.edges) != self.segments + 1:
@@ -264,9 +266,13 @@ def update_target(target: torch.nn.Module, student: torch.nn.Module, decay: floa
 class DistillTask:
     """DanceLCM on the shared loop: frozen teacher (+TPO adapters), EMA target copy, student = engine."""
 
-    def __init__(self, cfg: DistillConfig, val_clip: dict[str, np.ndarray] | None):
+    def __init__(self, cfg: DistillConfig, val_clip: dict[str, np.ndarray] | None, teacher_card: ModelCard,
+                 data: DataCard):
         self.cfg = cfg
         self.val_clip = val_clip
+        self.card = student_card(cfg, data)
+        self.uncond_drop = set(cfg.objective.drop_for_uncond if cfg.objective.drop_for_uncond is not None
+                               else teacher_card.sampler.cfg_drop)
         self.ema_decay = cfg.objective.export_ema_decay
         self.edges = cfg.objective.edge_tensor()
         self.grid = fine_solver_grid(cfg.objective.solver_points, cfg.objective.solver_shift)
@@ -276,12 +282,10 @@ class DistillTask:
         self._synced_step = 0
 
     def build_model(self) -> torch.nn.Module:
+        from artifacts.models import load_denoiser
         from model.denoiser import lora_config
-        from model.presets import build_denoiser
 
-        from model.storage import Storage
-
-        model = build_denoiser(self.cfg.student_model_config(), Storage(self.cfg.storage))
+        model = load_denoiser(self.cfg.student_model_config(), Storage(self.cfg.storage))
         if self.cfg.student.mode == "lora":
             st = self.cfg.student
             model.requires_grad_(False)
@@ -301,13 +305,12 @@ class DistillTask:
         self._synced_step = int(getattr(engine, "global_steps", 0))
 
     def _build_teacher(self) -> Any:
-        from model.presets import build_denoiser
-        from model.storage import Storage
+        from artifacts.models import load_denoiser, local_folder
 
-        teacher = build_denoiser(self.cfg.teacher_model_config(), Storage(self.cfg.storage)).to(self.device, self.dtype)
         storage = Storage(self.cfg.storage)
+        teacher = load_denoiser(self.cfg.teacher_model_config(), storage).to(self.device, self.dtype)
         for name, folder in self.cfg.teacher.tpo_adapters.items():
-            with storage.local_copy(folder, require_manifest=False) as local:
+            with local_folder(folder, storage) as local:
                 teacher.load_lora_adapter(str(local), adapter_name=name, prefix=None,
                                           weight_name="pytorch_lora_weights.safetensors")
         teacher.requires_grad_(False).eval()
@@ -335,7 +338,7 @@ class DistillTask:
         obj = self.cfg.objective
         x0 = batch["latents"].to(self.device, self.dtype)
         cond = Conditions.from_batch(batch, self.device, self.dtype)
-        uncond = cond.drop(set(obj.drop_for_uncond)) if obj.teacher_cfg else None
+        uncond = cond.drop(self.uncond_drop) if obj.teacher_cfg else None
         mask = batch["motion_mask"].to(self.device) if "motion_mask" in batch else None
         if obj.motion_loss and mask is None:
             raise KeyError("objective.motion_loss needs the shard's motion_mask column")
@@ -343,76 +346,55 @@ class DistillTask:
                               generator, mask)
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
-        export_student(model, weights, out_dir, self.cfg)
+        export_student(model, weights, out_dir, self.card)
 
     def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         if self.val_clip is None or not self.cfg.validation.enabled:
             return {}
-        return validation_sample(model, self.cfg.model.vae_path, self.val_clip, out_dir, sampler="consistency",
-                                 steps=None, guidance=None, drop=set(), shift=1.0,
-                                 consistency_edges=self.edges.tolist())
+        return validation_sample(model, self.cfg.model.vae_path, Storage(self.cfg.storage), self.val_clip, out_dir,
+                                 self.card.sampler)
 
 
-def export_student(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path, cfg: DistillConfig) -> None:
-    """Full: diffusers folder; LoRA: peft adapter under adapter/ (base = the teacher path); student.json beside."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"edges": cfg.objective.edge_tensor().tolist(), "segments": cfg.objective.segments,
-            "format": cfg.student.mode, "aux_head": cfg.objective.aux, "face_injection": cfg.objective.face,
-            "preset": cfg.model.preset}
-    if cfg.student.mode == "full":
-        export_denoiser(model, weights, out_dir)
-    else:
-        fresh = copy.deepcopy(model).cpu().float()  # peft layers included; the (EMA) LoRA weights go in by name
-        lora = {n: w for n, w in weights.items() if "lora_" in n}
-        with torch.no_grad():
-            named = dict(fresh.named_parameters())
-            for name, tensor in lora.items():
-                named[name].copy_(tensor)
-        fresh.save_lora_adapter(str(out_dir / "adapter"), adapter_name="student")
-        meta["base_model"] = cfg.teacher.path
-    (out_dir / STUDENT_JSON).write_text(json.dumps(meta, indent=2))
-
-
-def load_student(path: str, storage: Any = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[float]]:
-    """The exported student (diffusers folder or base + LoRA adapter) in eval mode and its segment edges."""
-    from model.presets import build_denoiser
-    from model.storage import Storage
-
-    storage = storage or Storage()
-    with storage.local_copy(path) as local:
-        meta = json.loads((Path(local) / STUDENT_JSON).read_text())
-        base = local if meta["format"] == "full" else meta["base_model"]
-        model = build_denoiser(ModelConfig(preset=meta["preset"], pretrained_path=str(base), aux_head=False,
-                                           face_injection=meta["face_injection"]), storage)
-        if meta["format"] == "lora":
-            from model.denoiser import use_adapter
-
-            model.load_lora_adapter(str(Path(local) / "adapter"), adapter_name="student", prefix=None,
-                                    weight_name="pytorch_lora_weights.safetensors")
-            use_adapter(model, "student")
-    return model.to(device).eval(), list(meta["edges"])
+def student_card(cfg: DistillConfig, data: DataCard) -> ModelCard:
+    """The student export's card: consistency sampling on its segment edges, no CFG; the aux head is
+    a training device, so the served model is built without it."""
+    model = cfg.model.model_copy(update={"pretrained_path": None, "aux_head": False})
+    return ModelCard(kind="student", format=cfg.student.mode,
+                     base_model=cfg.teacher.path if cfg.student.mode == "lora" else None, model=model,
+                     frames=data.frames, sampler=SamplerSpec(kind="consistency", edges=cfg.objective.edge_tensor().tolist()))
 
 
 # ---------------------------------------------------------------------- driver
 def _train_fn(loop_config: dict) -> None:
     cfg = DistillConfig.model_validate(loop_config["cfg"])
-    run_worker_loop(cfg, DistillTask(cfg, loop_config.get("val_clip")), columns=TRAIN_COLUMNS)
+    task = DistillTask(cfg, loop_config.get("val_clip"), ModelCard.model_validate(loop_config["teacher_card"]),
+                       DataCard.model_validate(loop_config["data_card"]))
+    run_worker_loop(cfg, task, columns=TRAIN_COLUMNS)
 
 
 def run(cfg: DistillConfig):
-    """Distil (or resume) the student; returns Ray Train's Result."""
-    from model.storage import Storage
-    from ray_jobs.training.driver import fit, read_shards, take_clip
+    """Distil (or resume) the student; returns its `ExportedRun` (export folder + model card, metrics).
+
+    Shards made with another VAE or audio geometry than the student fail here, before any worker starts.
+    """
+    from artifacts.exports import read_export_card
+    from artifacts.shards import data_card, read_shards, take_clip
+    from ray_jobs.training.driver import fit
 
     storage = Storage(cfg.storage)
     if not storage.exists(storage.join(cfg.teacher.path, "config.json")):
         raise FileNotFoundError(f"no teacher export at {cfg.teacher.path} (run ray_jobs.train_teacher first)")
+    teacher = read_export_card(cfg.teacher.path, storage)
+    data = data_card(cfg.data, storage)
+    check_data_matches_model(data, cfg.model, "distill_lcm")
     train_ds = read_shards(cfg.data, storage, split="train", columns=TRAIN_COLUMNS)
     val_clip = None
     if cfg.validation.enabled:
         val_clip = take_clip(cfg.data, storage, split="heldout")
         val_clip = {k: v for k, v in val_clip.items() if isinstance(v, (np.ndarray, float, int, bool, np.generic))}
-    return fit(cfg, _train_fn, {"cfg": cfg.model_dump(mode="json"), "val_clip": val_clip}, {"train": train_ds})
+    return fit(cfg, _train_fn, {"cfg": cfg.model_dump(mode="json"), "val_clip": val_clip,
+                                "teacher_card": teacher.model_dump(mode="json"), "data_card": data.model_dump(mode="json")},
+               {"train": train_ds})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -421,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
                            default_config=str(Path(__file__).parent / "configs/tiny/distill_lcm.yaml"))
     init_ray(cfg.ray)
     result = run(cfg)
-    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics,
-                      "checkpoint": str(result.checkpoint.path if result.checkpoint else None)}, default=str))
+    print(json.dumps({"run": cfg.run.name, "export": result.export, "metrics": result.metrics,
+                      "checkpoint": result.checkpoint}, default=str))
 
 
 if __name__ == "__main__":

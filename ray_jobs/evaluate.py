@@ -20,11 +20,10 @@ Reference rows: `ground_truth` (the detector run on the exact frames: its own er
 to it is as good as this detector can tell; added by `evaluate` unless told not to), the
 copy-the-reference baseline (every frame = the reference frame: a model that does not clearly beat
 it on PSNR and pose error has not learned to animate) and the VAE round trip (the clip's own
-latents decoded, `Variant(..., sampler=VAE_ROUND_TRIP)`: the ceiling of a model in this latent space).
+latents decoded, `Variant.round_trip()`: the ceiling of a model in this latent space).
 
-The job (`EvaluateConfig`) evaluates one export folder (a teacher diffusers folder, or a student
-folder with `student.json` beside its weights -> the consistency sampler on its segment edges;
-local or s3://) and writes `{output}/metrics.json` (`{"rows": [one per variant, means over clips],
+The job (`EvaluateConfig`) evaluates one export folder (teacher, TPO or student, local or s3://,
+rebuilt and sampled as its model card says: `artifacts.exports.load_export`) and writes `{output}/metrics.json` (`{"rows": [one per variant, means over clips],
 "clips": [per clip], ...}`, NaN/inf as null) and `{output}/grid.mp4` (truth | copy | model, one row per clip).
 """
 
@@ -41,12 +40,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from model.conditions import Conditions
-from model.config import StrictConfig
+from core.config import StrictConfig
+from core.storage import Storage, StorageConfig
 from model.metrics import EXTRA_METRICS, flicker, lip_sync, motion_error, pck, pose_error, psnr, ssim
-from model.storage import Storage, StorageConfig
+from model.sampling import SamplerSpec
 
 __all__ = ["VAE_ROUND_TRIP", "GROUND_TRUTH", "COPY_REFERENCE", "Variant", "ClipTruth", "heldout_clips",
            "clip_truth", "ground_truth", "evaluate", "summarize", "write_grid", "EvaluateConfig", "run", "main"]
@@ -60,13 +60,25 @@ COPY_REFERENCE = "copy_reference"
 
 @dataclass
 class Variant:
-    """One row of the evaluation table: a model and how it samples."""
+    """One row of the evaluation table: a model and how it samples (normally its card's `SamplerSpec`).
+
+    ``model`` None: the copy-the-reference baseline, or the VAE round trip when ``vae_round_trip``.
+    ``adapter_switch``: the TPO sampler's LoRA switch (`artifacts.exports.LoadedExport.adapter_switch`).
+    """
 
     name: str
-    model: torch.nn.Module | None  # None = copy-the-reference baseline (or the VAE round trip, see sampler)
-    sampler: str = "euler_cfg"
-    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
-    drop_for_uncond: tuple[str, ...] = ("pose", "audio", "face")
+    model: torch.nn.Module | None
+    spec: SamplerSpec = field(default_factory=SamplerSpec)
+    adapter_switch: Callable[[str | None], None] | None = None
+    vae_round_trip: bool = False
+
+    @classmethod
+    def copy_reference(cls, name: str = COPY_REFERENCE) -> "Variant":
+        return cls(name, None)
+
+    @classmethod
+    def round_trip(cls, name: str = VAE_ROUND_TRIP) -> "Variant":
+        return cls(name, None, vae_round_trip=True)
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ class ClipTruth:
 
 def heldout_clips(data_uri: str, storage: Storage, limit: int, split: str = "heldout") -> list[dict[str, Any]]:
     """Up to ``limit`` clips of ``split`` (train clips if the data has none of it), as numpy dicts."""
-    from ray_jobs.training.driver import take_clips
+    from artifacts.shards import take_clips
 
     return take_clips(data_uri, storage, split, limit)
 
@@ -129,7 +141,7 @@ def _generate(variant: Variant, clip: dict[str, Any], vae: Any, seed: int) -> tu
     from model.generate import generate
 
     truth = np.asarray(clip["frames"])
-    if variant.model is None and variant.sampler == VAE_ROUND_TRIP:
+    if variant.model is None and variant.vae_round_trip:
         from model.vae import video_to_uint8
 
         start = time.perf_counter()
@@ -142,19 +154,19 @@ def _generate(variant: Variant, clip: dict[str, Any], vae: Any, seed: int) -> tu
     batch = {k: torch.as_tensor(np.asarray(v))[None] for k, v in clip.items()
              if isinstance(v, np.ndarray) and v.dtype != object}
     cond = Conditions.from_batch(batch, device, torch.float32)
-    result = generate(variant.model, vae, cond, cond.drop(set(variant.drop_for_uncond)), num_frames=truth.shape[0],
-                      height=truth.shape[1], width=truth.shape[2], sampler=variant.sampler, seed=seed,
-                      **variant.sampler_kwargs)
+    result = generate(variant.model, vae, cond, num_frames=truth.shape[0], height=truth.shape[1],
+                      width=truth.shape[2], spec=variant.spec, seed=seed, adapter_switch=variant.adapter_switch)
     return result.frames.numpy(), result.nfe, result.seconds
 
 
 def evaluate(variants: list[Variant], clips: list[dict[str, Any]], vae: Any, storage: Storage,
              seed: int = 0, keep_frames: bool = True, perception: Any = None,
-             include_ground_truth: bool = True) -> dict[str, Any]:
+             include_ground_truth: bool = True, metrics: dict[str, Callable] | None = None) -> dict[str, Any]:
     """Metrics per variant and clip (module doc); returns {"rows", "frames": {variant: [clip frames]}, "truth", "labels"}.
 
     ``perception``: a `model.perception.PuppetPerception` (None = the checked-in one). With
     ``include_ground_truth`` the rows start with `GROUND_TRUTH` (the detector on the exact frames).
+    ``metrics``: extra ``fn(pred, truth) -> float`` columns (None = `model.metrics.EXTRA_METRICS`).
     """
     from model.perception import load_perception
 
@@ -162,14 +174,14 @@ def evaluate(variants: list[Variant], clips: list[dict[str, Any]], vae: Any, sto
     truths = [clip_truth(c, storage) for c in clips]
     rows, frames = [], {v.name: [] for v in variants}
     if include_ground_truth:
-        rows += [_clip_row(GROUND_TRUTH, i, t.frames, t, perception, 0, 0.0) for i, t in enumerate(truths)]
+        rows += [_clip_row(GROUND_TRUTH, i, t.frames, t, perception, 0, 0.0, metrics) for i, t in enumerate(truths)]
     for variant in variants:
         if variant.model is not None:
             variant.model.eval()
         for index, (clip, truth) in enumerate(zip(clips, truths)):
             with torch.no_grad():
                 pred, nfe, seconds = _generate(variant, clip, vae, seed + index)
-            rows.append(_clip_row(variant.name, index, pred, truth, perception, nfe, seconds))
+            rows.append(_clip_row(variant.name, index, pred, truth, perception, nfe, seconds, metrics))
             if keep_frames:
                 frames[variant.name].append(pred)
         log.info("evaluated %s on %d clips", variant.name, len(clips))
@@ -177,7 +189,7 @@ def evaluate(variants: list[Variant], clips: list[dict[str, Any]], vae: Any, sto
 
 
 def _clip_row(name: str, index: int, pred: np.ndarray, truth: ClipTruth, perception: Any, nfe: int,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, metrics: dict[str, Callable] | None = None) -> dict[str, Any]:
     """One clip's metrics: pred uint8 (T, H, W, 3) against the exact truth, keypoints/mouth detected on pred."""
     found = perception.detect(pred)
     row = {"variant": name, "clip": index, "nfe": nfe, "seconds": seconds,
@@ -186,7 +198,8 @@ def _clip_row(name: str, index: int, pred: np.ndarray, truth: ClipTruth, percept
            "pck": pck(found.keypoints, truth.keypoints, truth.frames.shape[1]),
            "mouth_sync": lip_sync(found.mouth, truth.mouth),
            "flicker": flicker(pred, truth.frames), "motion_error": motion_error(pred, truth.frames)}
-    row.update({name_: fn(pred, truth.frames) for name_, fn in EXTRA_METRICS.items()})
+    extra = EXTRA_METRICS if metrics is None else metrics
+    row.update({name_: fn(pred, truth.frames) for name_, fn in extra.items()})
     return row
 
 
@@ -206,7 +219,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def write_grid(frames: dict[str, list[np.ndarray]], truths: list[np.ndarray], out_path: Path, fps: float,
                columns: list[str] | None = None) -> Path:
     """MP4 grid: one row per clip, columns ground truth then each variant (labels in report)."""
-    from model.media import mux_mp4
+    from core.media import mux_mp4
 
     names = columns or list(frames)
     rows = [np.concatenate([truth] + [frames[n][i] for n in names], axis=2) for i, truth in enumerate(truths)]
@@ -238,53 +251,59 @@ Loader = Callable[[], torch.nn.Module]
 class EvaluateConfig(StrictConfig):
     """Options of `python -m ray_jobs.evaluate` (example: ray_jobs/configs/tiny/evaluate.yaml)."""
 
-    model: str | None = Field(None, description="export folder (teacher diffusers folder, or student folder with "
-                                                "student.json), local, s3:// or builtin:NAME; None = reference rows only")
+    model: str | None = Field(None, description="export folder (teacher, TPO or student, sampled as its model card "
+                                                "says), local, s3:// or builtin:NAME; None = reference rows only")
     data: str = Field("outputs/shards", description="preprocessed shards folder (its manifest.json), local or s3://")
     split: Literal["heldout", "train"] = Field("heldout", description="clips of this split (train if it has none)")
     limit: int = Field(4, ge=1, description="clips evaluated")
-    steps: int | None = Field(None, ge=1, description="teacher: Euler steps (default 50); student: segments "
-                                                      "(default: its own edges)")
-    guidance: float = Field(1.5, ge=1.0, description="teacher CFG scale (the student never runs CFG)")
-    shift: float = Field(1.0, gt=0, description="teacher sigma-schedule shift (as its training objective.shift)")
-    name: str | None = Field(None, description="the model's row name (default 'teacher' or 'student')")
+    steps: int | None = Field(None, ge=1, description="teacher: Euler steps; student: segments (None: the card's)")
+    guidance: float | None = Field(None, ge=1.0, description="teacher CFG scale (None: the card's)")
+    name: str | None = Field(None, description="the model's row name (default: the card's kind)")
     perception: str | None = Field(None, description="perception model folder; None = model/assets/puppet_perception")
-    vae: str | None = Field(None, description="AutoencoderKLWan folder; None = the checked-in tiny VAE")
+    vae: str | None = Field(None, description="AutoencoderKLWan folder; None = the one the shards were encoded with")
     output: str = Field("outputs/evaluate", description="folder for metrics.json and grid.mp4, local or s3://")
     seed: int = Field(0, ge=0, description="noise seed of clip i is seed + i")
     device: str = Field("cpu", description="torch device for the model, VAE and detector")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
     fps: float = Field(16.0, gt=0, description="grid video frame rate when the clips do not say")
+    metrics: list[str] = Field(default_factory=list, description="extra columns: 'package.module:function' of "
+                               "fn(pred, truth) -> float, imported when the config is checked")
     storage: StorageConfig = StorageConfig()
 
+    @field_validator("metrics")
+    @classmethod
+    def _importable(cls, value: list[str]) -> list[str]:
+        for path in value:
+            extra_metric(path)
+        return value
 
-def _folder_switches(model_uri: str, storage: Storage) -> dict[str, Any]:
-    """face_injection / ref_as_frame as saved in the folder's config.json (our denoiser records them)."""
-    for rel in ("config.json", "transformer/config.json"):
-        uri = storage.join(model_uri, rel)
-        if storage.exists(uri):
-            saved = storage.read_json(uri)
-            return {k: saved[k] for k in ("face_injection", "ref_as_frame") if k in saved}
-    return {}
+
+def extra_metric(path: str) -> Callable:
+    """The metric function at import path ``path`` (a clear error when it is not one)."""
+    from core.imports import import_object
+
+    try:
+        fn = import_object(path)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"metrics: {exc}") from None
+    if not callable(fn):
+        raise ValueError(f"metrics: {path!r} is not callable")
+    return fn
 
 
 def model_variant(cfg: EvaluateConfig, storage: Storage) -> Variant:
-    """The row of ``cfg.model``: a student (student.json beside it) on its consistency edges, else a teacher with CFG."""
-    from model.presets import ModelConfig, build_denoiser
+    """The row of ``cfg.model``: the export rebuilt from its card, sampled as the card says (steps/guidance overridable)."""
+    from artifacts.exports import load_export
+    from model.presets import ModelConfig
 
     uri = ModelConfig(pretrained_path=cfg.model).pretrained_path  # builtin:NAME -> model/assets/NAME
-    if storage.exists(storage.join(uri, "student.json")):
-        from model.samplers import segment_edges
-        from ray_jobs.distill_lcm import load_student
-
-        student, edges = load_student(uri, storage, cfg.device)
-        if cfg.steps is not None and cfg.steps != len(edges) - 1:
-            edges = segment_edges(cfg.steps).tolist()
-        return Variant(cfg.name or "student", student, "consistency", {"consistency_edges": list(edges)})
-    model_cfg = ModelConfig(pretrained_path=uri, **_folder_switches(uri, storage))
-    teacher = build_denoiser(model_cfg, storage).to(cfg.device).eval()
-    kwargs = {"steps": cfg.steps or 50, "guidance": cfg.guidance, "shift": cfg.shift}
-    return Variant(cfg.name or "teacher", teacher, "euler_cfg", kwargs)
+    loaded = load_export(uri, storage, cfg.device)
+    spec = loaded.sampler
+    if cfg.steps is not None:
+        spec = spec.consistency_at(cfg.steps) if spec.kind == "consistency" else spec.with_steps(cfg.steps)
+    if cfg.guidance is not None:
+        spec = spec.model_copy(update={"guidance": cfg.guidance})
+    return Variant(cfg.name or loaded.card.kind, loaded.model, spec, loaded.adapter_switch)
 
 
 def warm_up(variant: Variant, clip: dict[str, Any], vae: Any) -> None:
@@ -297,7 +316,7 @@ def warm_up(variant: Variant, clip: dict[str, Any], vae: Any) -> None:
 def _write_outputs(cfg: EvaluateConfig, storage: Storage, result: dict[str, Any], variants: list[Variant],
                    clips: list[dict[str, Any]]) -> dict[str, Any]:
     """{output}/metrics.json and {output}/grid.mp4 (truth | copy | model); returns the metrics document."""
-    columns = [v.name for v in variants if v.sampler != VAE_ROUND_TRIP]
+    columns = [v.name for v in variants if not v.vae_round_trip]
     doc = finite_or_none({"rows": summarize(result["rows"]), "clips": result["rows"], "model": cfg.model,
                           "data": cfg.data, "split": cfg.split, "grid": "grid.mp4",
                           "grid_columns": ["ground truth", *columns], "config": cfg.model_dump(mode="json")})
@@ -311,22 +330,23 @@ def _write_outputs(cfg: EvaluateConfig, storage: Storage, result: dict[str, Any]
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate `cfg.model` beside the reference rows on `cfg.limit` clips; write and return metrics.json's document."""
-    from model.perception import load_perception
-    from model.vae import load_vae
+    from artifacts.models import load_perception, load_vae
+    from artifacts.shards import data_card
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     storage = Storage(cfg.storage)
     clips = heldout_clips(cfg.data, storage, cfg.limit, cfg.split)
-    variants = [Variant(COPY_REFERENCE, None), Variant(VAE_ROUND_TRIP, None, VAE_ROUND_TRIP)]
+    variants = [Variant.copy_reference(), Variant.round_trip()]
     if cfg.model is not None:
         variants.append(model_variant(cfg, storage))
-    vae = load_vae(cfg.vae, storage, device=cfg.device)
+    vae = load_vae(cfg.vae if cfg.vae is not None else data_card(cfg.data, storage).vae_path, storage, device=cfg.device)
     perception = load_perception(cfg.perception, storage, cfg.device)
     for variant in variants:
         warm_up(variant, clips[0], vae)
     torch.manual_seed(cfg.seed)
-    result = evaluate(variants, clips, vae, storage, cfg.seed, perception=perception)
+    metrics = {path.rpartition(":")[2]: extra_metric(path) for path in cfg.metrics}
+    result = evaluate(variants, clips, vae, storage, cfg.seed, perception=perception, metrics=metrics or None)
     doc = _write_outputs(cfg, storage, result, variants, clips)
     log.info("wrote %s: %s", storage.join(cfg.output, "metrics.json"), json.dumps(doc["rows"]))
     return doc

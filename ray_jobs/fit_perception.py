@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.metrics import lip_sync, pck, pose_error
 from model.perception import PuppetPerception, frames_to_input
 from ray_jobs.common import parse_job_config, setup_logging

@@ -21,25 +21,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from model.config import StrictConfig
-from model.vae import framewise_conv_forward, past_time_taps_are_zero, zero_past_time_taps
+from core.config import StrictConfig
+from model.face import crop_faces
+from model.metrics import psnr
+from model.vae import framewise_conv_forward, past_time_taps_are_zero, uint8_to_signed, zero_past_time_taps
 from ray_jobs.common import parse_job_config, setup_logging
 
-__all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "psnr", "face_crops", "render_identity_frames",
+__all__ = ["TinyVAEArchitecture", "FitVAEConfig", "build_tiny_vae", "FACE_MARGIN", "render_identity_frames",
            "fit_vae", "main"]  # the frame-wise helpers live in model.vae
 
 log = logging.getLogger(__name__)
+
+FACE_MARGIN = 1.25  # face crops for fitting: the box edge times this (model.face.crop_faces)
 
 # (identity, num_frames, rng) -> (frames uint8 (T, H, W, 3), face boxes (T, 4) x0 y0 x1 y1 pixels)
 FrameSource = Callable[[object, int, np.random.Generator], tuple[np.ndarray, np.ndarray]]
@@ -94,26 +96,6 @@ def build_tiny_vae(arch: TinyVAEArchitecture, seed: int):
     return vae
 
 
-def psnr(reference: torch.Tensor, estimate: torch.Tensor) -> float:
-    """PSNR in dB of two float tensors in [-1, 1] (peak-to-peak 2), over all elements."""
-    mse = float(F.mse_loss(estimate.float(), reference.float()))
-    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
-
-
-def face_crops(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float = 1.25) -> np.ndarray:
-    """Square crops (T, size, size, 3) uint8 around boxes (T, 4), enlarged by `margin`, edge-padded."""
-    crops = np.empty((len(frames), size, size, 3), np.uint8)
-    pad = frames.shape[1]
-    for t, (frame, box) in enumerate(zip(frames, boxes)):
-        padded = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        cx, cy = (box[0] + box[2]) / 2 + pad, (box[1] + box[3]) / 2 + pad
-        half = max(box[2] - box[0], box[3] - box[1]) * margin / 2
-        x0, y0 = int(round(cx - half)), int(round(cy - half))
-        side = max(int(round(2 * half)), 2)
-        crops[t] = cv2.resize(padded[y0 : y0 + side, x0 : x0 + side], (size, size), interpolation=cv2.INTER_AREA)
-    return crops
-
-
 def render_identity_frames(identity, num_frames: int, rng: np.random.Generator, size: int = 64,
                            fps: float = 16.0) -> tuple[np.ndarray, np.ndarray]:
     """Frames uint8 (T, size, size, 3) and face boxes (T, 4) of `identity` dancing, from ray_jobs.synthetic."""
@@ -142,7 +124,7 @@ def _identities(cfg: FitVAEConfig) -> dict[str, list]:
 
 def _to_pixels(frames: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, 1, H, W) in [-1, 1]: N single-frame clips."""
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).unsqueeze(2).float().div(127.5).sub(1.0)
+    return uint8_to_signed(torch.from_numpy(frames).permute(0, 3, 1, 2).unsqueeze(2))
 
 
 def build_frame_pool(cfg: FitVAEConfig, split: str, rng: np.random.Generator,
@@ -153,7 +135,7 @@ def build_frame_pool(cfg: FitVAEConfig, split: str, rng: np.random.Generator,
     for identity in _identities(cfg)[split]:
         clip, boxes = source(identity, cfg.frames_per_identity, rng)
         frames.append(clip)
-        faces.append(face_crops(clip, boxes, cfg.face_size))
+        faces.append(crop_faces(clip, boxes, cfg.face_size, FACE_MARGIN))
     return {"frames": _to_pixels(np.concatenate(frames)), "faces": _to_pixels(np.concatenate(faces))}
 
 
@@ -202,7 +184,7 @@ def _train_loop(vae, pool, cfg: FitVAEConfig, optimizer, schedule, gen: torch.Ge
 def reconstruction_psnr(vae, pixels: torch.Tensor, batch: int = 16) -> float:
     """PSNR (dB) of mode-encode -> decode over single-frame clips (N, 3, 1, H, W)."""
     recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mode()).sample for chunk in pixels.split(batch)])
-    return psnr(pixels, recon)
+    return psnr((pixels + 1) / 2, (recon + 1) / 2)  # [-1, 1] -> [0, 1]: the same dB
 
 
 @torch.no_grad()

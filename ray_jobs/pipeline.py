@@ -14,7 +14,6 @@ re-running after a crash continues where it stopped. Each stage prints a progres
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,22 +21,24 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from model.config import StrictConfig, load_config
-from model.storage import Storage, StorageConfig
+from core.config import StrictConfig, load_config
+from core.storage import Storage, StorageConfig
+from ray_jobs import distill_lcm, pipeline_eval, preferences, train_teacher, train_tpo
 from ray_jobs.common import RayConfig, init_ray, parse_job_config, setup_logging
+from ray_jobs.configs import config_class
+from ray_jobs.preprocess import job as preprocess_job
+from ray_jobs.synthetic import world as synthetic_world
 
-__all__ = ["PipelineConfig", "STAGES", "build_stage_configs", "run", "main"]
+__all__ = ["PipelineConfig", "STAGES", "STAGE_JOBS", "build_stage_configs", "run", "main"]
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "tiny"
 STAGES = ("synthetic", "preprocess", "teacher", "preferences", "tpo", "distill", "evaluate", "serve")
-_JOB_OF_STAGE = {"synthetic": ("synthetic", "ray_jobs.synthetic.world:SyntheticConfig"),
-                 "preprocess": ("preprocess", "ray_jobs.preprocess.config:PreprocessConfig"),
-                 "teacher": ("train_teacher", "ray_jobs.train_teacher:TeacherConfig"),
-                 "preferences": ("make_preferences", "ray_jobs.preferences:PreferencesConfig"),
-                 "tpo": ("train_tpo", "ray_jobs.train_tpo:TPOConfig"),
-                 "distill": ("distill_lcm", "ray_jobs.distill_lcm:DistillConfig")}
+# Stage -> the job it runs, by its name in `ray_jobs.configs.JOB_CONFIGS` (the one registry of job configs:
+# the stage's example YAML is configs/tiny/<job>.yaml and its config class the registry's).
+STAGE_JOBS = {"synthetic": "synthetic", "preprocess": "preprocess", "teacher": "train_teacher",
+              "preferences": "make_preferences", "tpo": "train_tpo", "distill": "distill_lcm"}
 
 
 class EvaluationSection(StrictConfig):
@@ -45,7 +46,7 @@ class EvaluationSection(StrictConfig):
 
     num_clips: int = Field(4, ge=1)
     teacher_steps: int = Field(50, ge=1, description="teacher Euler steps with CFG (50 = 100 NFE)")
-    teacher_guidance: float = Field(1.5, ge=1, description="CFG scale of the teacher rows (1.5: the pretrained teacher's measured best)")
+    teacher_guidance: float | None = Field(None, ge=1, description="CFG scale of the teacher rows; None = its model card's")
     student_steps: list[int] = Field(default_factory=lambda: [4, 2, 1])
 
 
@@ -82,13 +83,6 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _import(target: str) -> type:
-    import importlib
-
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def wiring(cfg: PipelineConfig, storage: Storage) -> dict[str, dict[str, Any]]:
     """The paths that connect stages (applied over each stage's own overrides)."""
     work = lambda *p: storage.join(cfg.workdir, *p)  # noqa: E731
@@ -115,12 +109,12 @@ def build_stage_configs(cfg: PipelineConfig, storage: Storage) -> dict[str, Stri
     configs = {}
     wires = wiring(cfg, storage)
     for stage in cfg.stages:
-        if stage not in _JOB_OF_STAGE:
+        if stage not in STAGE_JOBS:
             continue
-        job, target = _JOB_OF_STAGE[stage]
+        job = STAGE_JOBS[stage]
         overrides = {**_flatten("", getattr(cfg, stage), {}), **wires[stage]}
         overrides = {k: v for k, v in overrides.items() if k}
-        configs[stage] = load_config(_import(target), CONFIG_DIR / f"{job}.yaml", overrides)
+        configs[stage] = load_config(config_class(job), CONFIG_DIR / f"{job}.yaml", overrides)
     return configs
 
 
@@ -154,19 +148,19 @@ def _run_stage(cfg: PipelineConfig, storage: Storage, stage: str, fn: Callable[[
 
 
 def _stage_functions(cfg: PipelineConfig, configs: dict[str, StrictConfig], storage: Storage) -> dict[str, Callable]:
-    def training_result(module: str, job_cfg) -> dict:
-        result = _import(f"{module}:run")(job_cfg)
+    def training_result(run: Callable, job_cfg) -> dict:
+        result = run(job_cfg)
         return {"metrics": getattr(result, "metrics", result)}
 
     return {
-        "synthetic": lambda: _import("ray_jobs.synthetic.world:run")(configs["synthetic"]),
-        "preprocess": lambda: _import("ray_jobs.preprocess.job:run")(configs["preprocess"]),
-        "teacher": lambda: training_result("ray_jobs.train_teacher", configs["teacher"]),
-        "preferences": lambda: _summary(_import("ray_jobs.preferences:run")(configs["preferences"])),
-        "tpo": lambda: training_result("ray_jobs.train_tpo", configs["tpo"]),
-        "distill": lambda: training_result("ray_jobs.distill_lcm", configs["distill"]),
-        "evaluate": lambda: _import("ray_jobs.pipeline_eval:evaluate_pipeline")(cfg, configs, storage),
-        "serve": lambda: _import("ray_jobs.pipeline_eval:request_served_student")(cfg, configs, storage),
+        "synthetic": lambda: synthetic_world.run(configs["synthetic"]),
+        "preprocess": lambda: preprocess_job.run(configs["preprocess"]),
+        "teacher": lambda: training_result(train_teacher.run, configs["teacher"]),
+        "preferences": lambda: _summary(preferences.run(configs["preferences"])),
+        "tpo": lambda: training_result(train_tpo.run, configs["tpo"]),
+        "distill": lambda: training_result(distill_lcm.run, configs["distill"]),
+        "evaluate": lambda: pipeline_eval.evaluate_pipeline(cfg, configs, storage),
+        "serve": lambda: pipeline_eval.request_served_student(cfg, configs, storage),
     }
 
 
@@ -181,7 +175,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     for stage in STAGES:
         if stage in cfg.stages and (stage != "serve" or cfg.serve_request):
             results[stage] = _run_stage(cfg, storage, stage, functions[stage], rows)
-    report = _import("ray_jobs.pipeline_eval:write_pipeline_report")(cfg, configs, storage, rows, results)
+    report = pipeline_eval.write_pipeline_report(cfg, configs, storage, rows, results)
     total = time.perf_counter() - started
     print(f"pipeline finished in {total:.1f} s; report: {report}", flush=True)
     return {"stages": rows, "report": str(report), "seconds": total}

@@ -16,18 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.storage import Storage
+from core.storage import Storage
 
 __all__ = ["evaluate_pipeline", "request_served_student", "write_pipeline_report", "build_variants"]
 
 log = logging.getLogger(__name__)
-
-
-def _teacher(configs: dict, storage: Storage):
-    from model.presets import build_denoiser
-
-    return build_denoiser(configs["teacher"].model.model_copy(
-        update={"pretrained_path": _export(configs, "teacher", storage)}), storage).eval()
 
 
 def _export(configs: dict, stage: str, storage: Storage) -> str:
@@ -35,37 +28,28 @@ def _export(configs: dict, stage: str, storage: Storage) -> str:
     return storage.join(cfg.run.storage_path, cfg.run.name, "export")
 
 
-def _tpo_model(configs: dict, storage: Storage):
-    from ray_jobs.train_tpo import load_tpo_adapters
-
-    model = _teacher(configs, storage)
-    with storage.local_copy(_export(configs, "tpo", storage), require_manifest=True) as local:
-        load_tpo_adapters(model, local)
-    return model
-
-
 def build_variants(cfg, configs: dict, storage: Storage) -> list:
-    """copy-the-reference, teacher at 100 and 30 NFE, TPO at 30 NFE, student at each step count."""
-    from model.denoiser import use_adapter
-    from model.samplers import segment_edges
-    from ray_jobs.distill_lcm import load_student
-    from ray_jobs.evaluate import VAE_ROUND_TRIP, Variant
+    """copy-the-reference, teacher at its card's sampler and at 30 NFE, TPO (its card: 30 NFE), student at each step count.
+
+    Every model is loaded from its export folder and sampled as its model card says; only the step
+    counts the report compares are set here.
+    """
+    from artifacts.exports import load_export
+    from ray_jobs.evaluate import Variant
 
     ev = cfg.evaluation
-    shift = configs["teacher"].objective.shift
-    teacher = _teacher(configs, storage)
-    guided = {"guidance": ev.teacher_guidance, "shift": shift}
-    variants = [Variant("copy reference", None), Variant("VAE round trip", None, VAE_ROUND_TRIP),
-                Variant(f"teacher {2 * ev.teacher_steps} NFE", teacher, "euler_cfg", {"steps": ev.teacher_steps, **guided}),
-                Variant("teacher 30 NFE", teacher, "euler_cfg", {"steps": 15, **guided})]
+    teacher = load_export(_export(configs, "teacher", storage), storage)
+    spec = teacher.sampler.model_copy(update={"guidance": ev.teacher_guidance}) if ev.teacher_guidance is not None else teacher.sampler
+    variants = [Variant.copy_reference("copy reference"), Variant.round_trip("VAE round trip"),
+                Variant(f"teacher {spec.with_steps(ev.teacher_steps).nfe} NFE", teacher.model, spec.with_steps(ev.teacher_steps)),
+                Variant(f"teacher {spec.with_steps(15).nfe} NFE", teacher.model, spec.with_steps(15))]
     if "tpo" in configs:
-        tpo = _tpo_model(configs, storage)
-        variants.append(Variant("TPO 30 NFE", tpo, "tpo", {"shift": shift, "adapter_switch": lambda n: use_adapter(tpo, n)}))
+        tpo = load_export(_export(configs, "tpo", storage), storage)
+        variants.append(Variant(f"TPO {tpo.sampler.nfe} NFE", tpo.model, tpo.sampler, tpo.adapter_switch))
     if "distill" in configs:
-        student, edges = load_student(_export(configs, "distill", storage), storage)
+        student = load_export(_export(configs, "distill", storage), storage)
         for steps in ev.student_steps:
-            step_edges = edges if steps == len(edges) - 1 else segment_edges(steps).tolist()
-            variants.append(Variant(f"student {steps} step", student, "consistency", {"consistency_edges": step_edges}))
+            variants.append(Variant(f"student {steps} step", student.model, student.sampler.consistency_at(steps)))
     return variants
 
 
@@ -76,7 +60,7 @@ def evaluate_pipeline(cfg, configs: dict, storage: Storage) -> dict[str, Any]:
     `ray_jobs.evaluate`: pose error, PCK, mouth sync, flicker beside PSNR/SSIM/motion error, NFE,
     seconds), ``ground_truth`` (the perception model on the exact frames: its own error) and ``rows`` per clip.
     """
-    from model.vae import load_vae
+    from artifacts.models import load_vae
     from ray_jobs.evaluate import GROUND_TRUTH, evaluate, heldout_clips, summarize, warm_up, write_grid
 
     torch.manual_seed(0)
@@ -103,15 +87,13 @@ def request_served_student(cfg, configs: dict, storage: Storage) -> dict[str, An
     """Start the Serve app on the student export, POST one animation over HTTP, save the MP4."""
     from ray import serve
 
-    from model.media import mux_mp4, probe
+    from core.media import probe
     from ray_jobs.evaluate import heldout_clips
     from serving.app import build_app
 
     report = Path(cfg.report_dir)
     student = _export(configs, "distill", storage)
-    meta = _student_meta(student, storage)
-    args = {"model": {"preset": meta["preset"], "pretrained_path": student, "face_injection": meta["face_injection"]},
-            "sampler": "consistency", "consistency_edges": meta["edges"], "output": str(report / "serve_outputs"),
+    args = {"export": student, "output": str(report / "serve_outputs"),
             "storage": cfg.storage.model_dump(mode="json"), "animator": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5,
                                                                        "initial_replicas": 1}}
     port = 8000 + uuid.uuid4().int % 1000
@@ -129,16 +111,12 @@ def request_served_student(cfg, configs: dict, storage: Storage) -> dict[str, An
     return {"seconds": seconds, "frames": info.num_frames, "has_audio": info.has_audio, "path": str(out)}
 
 
-def _student_meta(student_uri: str, storage: Storage) -> dict:
-    return storage.read_json(storage.join(student_uri, "student.json"))
-
-
 def _post_animation(port: int, clip: dict) -> tuple[bytes, float]:
     """multipart/form-data POST of the clip's reference frame, audio, keypoints and reference face box (as
     preprocessing found it); returns (MP4 bytes, seconds)."""
     import cv2
 
-    from model.media import mux_mp4
+    from core.media import mux_mp4
 
     ok, png = cv2.imencode(".png", np.asarray(clip["ref_frame"])[:, :, ::-1])
     audio_mp4 = mux_mp4(np.repeat(np.asarray(clip["ref_frame"])[None], 8, axis=0),

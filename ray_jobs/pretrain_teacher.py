@@ -12,8 +12,8 @@ under ``model/assets/tiny_teacher``.
 The same code as the Ray jobs, minus Ray: videos come from `ray_jobs.synthetic.world.generate_video`
 and go through `ray_jobs.preprocess.udfs.clips_from_frames` (every CPU stage of preprocessing, minus
 the codec: the frames are rendered, not decoded) in a process pool, then through the VAE on the
-device; the loss is `ray_jobs.train_teacher.teacher_loss`, the optimizer `build_optimizer`, the EMA
-`ray_jobs.training.ema.EMA`, the export `export_denoiser`. Deliberately no Ray Train/DeepSpeed: the
+device; the loss is `ray_jobs.training.teacher_objective.teacher_loss`, the optimizer `build_optimizer`, the EMA
+`ray_jobs.training.ema.EMA`, the export `artifacts.exports.export_denoiser` (with its model card). Deliberately no Ray Train/DeepSpeed: the
 whole set fits on one device, and a one-GPU machine (where this asset was fitted) need not carry Ray.
 
 A fit may continue an earlier one (``model.pretrained_path``, e.g. ``builtin:tiny_teacher``): the
@@ -40,12 +40,14 @@ import torch
 from pydantic import Field
 
 from model.conditions import Conditions
-from model.config import StrictConfig, load_config
-from model.presets import ModelConfig, build_denoiser
+from core.config import StrictConfig, load_config
+from artifacts.models import load_denoiser
+from core.storage import Storage
+from model.presets import ModelConfig
 from ray_jobs.common import parse_job_config, setup_logging
 from ray_jobs.preprocess.config import PreprocessConfig
 from ray_jobs.synthetic.world import SyntheticConfig
-from ray_jobs.train_teacher import TRAIN_COLUMNS, TeacherObjective, export_denoiser, teacher_loss
+from ray_jobs.training.teacher_objective import TRAIN_COLUMNS, TeacherObjective, teacher_loss
 from ray_jobs.training.config import OptimSection
 
 __all__ = ["PretrainConfig", "EvalSection", "render_world", "encode_latents", "train", "evaluate", "run", "main"]
@@ -170,7 +172,7 @@ def train(cfg: PretrainConfig, clips: dict[str, np.ndarray], device: torch.devic
     from ray_jobs.training.engine import build_adamw, lr_factor
 
     torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg.model).to(device).train()
+    model = load_denoiser(cfg.model, Storage()).to(device).train()
     data = _train_tensors(clips, device)
     num_rows = len(data["latents"])
     plan = _Plan(cfg.steps)
@@ -223,9 +225,8 @@ def evaluate(model: Any, vae: Any, clips: dict[str, np.ndarray], ev: EvalSection
 
     Truth is the rendered frames themselves (exact: no codec in this job).
     """
-    from model.flow import inference_sigmas
     from model.metrics import motion_error, psnr, ssim
-    from model.samplers import sample_euler_cfg
+    from model.sampling import SamplerSpec, sample
     from model.vae import video_to_uint8
 
     model.eval()
@@ -238,7 +239,8 @@ def evaluate(model: Any, vae: Any, clips: dict[str, np.ndarray], ev: EvalSection
     nfe = {"copy_reference": 0, "vae_round_trip": 0}
     for guidance in ev.guidances:
         name = f"teacher_g{guidance:g}"
-        result = sample_euler_cfg(model, noise, inference_sigmas(ev.steps, ev.shift), cond, cond.drop(cfg_drop), guidance)
+        spec = SamplerSpec(kind="euler_cfg", steps=ev.steps, guidance=guidance, shift=ev.shift, cfg_drop=list(cfg_drop))
+        result = sample(model, noise, cond, spec)
         videos[name], nfe[name] = video_to_uint8(vae.decode(result.x)).numpy(), result.nfe
     rows = []
     for name, video in videos.items():
@@ -260,7 +262,7 @@ def _heldout(clips: dict[str, np.ndarray], limit: int) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------ main
 def run(cfg: PretrainConfig) -> dict[str, Any]:
     """Render and encode the world(s), train, evaluate, export; returns the fit report."""
-    from model.vae import load_vae
+    from artifacts.models import load_vae
 
     started = time.perf_counter()
     pre = cfg.preprocess_cfg()
@@ -268,7 +270,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     world = render_world(cfg.world, pre, workers)
     demo = render_world(cfg.demo_world, pre, workers) if cfg.demo_world is not None else None
     device = _device(cfg.device)  # after the fork of the render pool: CUDA must not be initialised in it
-    vae = load_vae(cfg.model.vae_path, device=device)
+    vae = load_vae(cfg.model.vae_path, Storage(), device=device)
     world = encode_latents(world, vae)
     data_seconds = time.perf_counter() - started
     log.info("world seed %d: %d videos -> %d clips in %.1f s", cfg.world.seed, cfg.world.num_videos,
@@ -285,8 +287,23 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
         report["demo_heldout"] = evaluate(model, vae, demo_clips, cfg.eval, cfg.objective.cfg_drop, device)
     report["total_seconds"] = time.perf_counter() - started
     report["history"] = _history(cfg.model.pretrained_path)
-    _export(model.cpu(), {k: v.cpu() for k, v in weights.items()}, report, Path(cfg.output))
+    _export(model.cpu(), {k: v.cpu() for k, v in weights.items()}, report, Path(cfg.output),
+            pretrained_card(cfg, pre, report["heldout"]))
     return report
+
+
+def pretrained_card(cfg: PretrainConfig, pre: PreprocessConfig, heldout: list[dict[str, Any]]) -> Any:
+    """The export's model card: clip geometry of `pre`, Euler/CFG at the guidance that scored best held out."""
+    from artifacts.card import FrameGeometry, ModelCard
+    from model.sampling import SamplerSpec
+
+    rows = [r for r in heldout if r["variant"].startswith("teacher_g")]
+    best = max(rows, key=lambda r: r["psnr"])["variant"].removeprefix("teacher_g") if rows else "1"
+    sampler = SamplerSpec(kind="euler_cfg", guidance=float(best), shift=cfg.eval.shift,
+                          cfg_drop=list(cfg.objective.cfg_drop))
+    frames = FrameGeometry(height=pre.height, width=pre.width, fps=pre.fps, clip_frames=pre.clip_frames)
+    return ModelCard(kind="teacher", model=cfg.model.model_copy(update={"pretrained_path": None}), frames=frames,
+                     sampler=sampler)
 
 
 def _history(init_from: str | None) -> list[dict[str, Any]]:
@@ -304,9 +321,11 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def _export(model: Any, weights: dict[str, torch.Tensor], report: dict, out: Path) -> None:
+def _export(model: Any, weights: dict[str, torch.Tensor], report: dict, out: Path, card: Any) -> None:
+    from artifacts.exports import export_denoiser
+
     out.mkdir(parents=True, exist_ok=True)
-    export_denoiser(model, weights, out)
+    export_denoiser(model, weights, out, card)
     (out / "FIT_REPORT.json").write_text(json.dumps(report, indent=1) + "\n")
     log.info("wrote %s", out)
 

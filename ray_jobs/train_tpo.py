@@ -11,12 +11,12 @@ disabled, under no_grad. σ_b defaults to 0.875, the boundary of `model.samplers
 (Wan 2.2's expert boundary): the sampler evaluates σ_b itself with the fidelity adapter, matching the
 half-open [0, σ_b) of the fidelity segment. Exports ``{export}/motion`` and ``{export}/fidelity`` as
 diffusers LoRA folders (`save_lora_adapter`), optionally ``fused_motion/`` and ``fused_fidelity/``
-(the teacher with one adapter merged: Wan 2.2's high-noise / low-noise expert layout).
+(the teacher with one adapter merged: Wan 2.2's high-noise / low-noise expert layout), and the model
+card (`tpo_card`: the teacher's sampler settings routed at σ_b) that `artifacts.exports.load_export` reads.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -25,8 +25,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from artifacts.card import ModelCard
+from artifacts.exports import TPO_ADAPTERS, export_adapters
+from core.storage import Storage
 from model.conditions import Conditions
-from model.config import StrictConfig
+from model.samplers import default_tpo_plan
+from model.sampling import SamplerSpec
+from core.config import StrictConfig
 from model.flow import add_noise
 from model.losses import diffusion_dpo_loss, flow_matching_loss
 from ray_jobs.common import init_ray, parse_job_config, setup_logging
@@ -34,11 +39,11 @@ from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
 __all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", "segment_sigmas", "add_tpo_adapters",
-           "adapter_params", "run", "main"]
+           "adapter_params", "tpo_card", "run", "main"]
 
 log = logging.getLogger(__name__)
 
-ADAPTERS: tuple[str, ...] = ("motion", "fidelity")
+ADAPTERS: tuple[str, ...] = TPO_ADAPTERS
 TRAIN_COLUMNS = ["ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face",
                  "winner_latents", "loser_latents", "is_motion"]
 
@@ -116,14 +121,15 @@ class TPOTask:
 
     ema_decay = None  # DPO on LoRA: the live weights are exported
 
-    def __init__(self, cfg: TPOConfig):
+    def __init__(self, cfg: TPOConfig, teacher_card: ModelCard):
         self.cfg = cfg
+        self.card = tpo_card(cfg, teacher_card)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def build_model(self) -> torch.nn.Module:
-        from model.presets import build_denoiser
+        from artifacts.models import load_denoiser
 
-        model = build_denoiser(self.cfg.model)
+        model = load_denoiser(self.cfg.model, Storage(self.cfg.storage))
         add_tpo_adapters(model, self.cfg.tpo)
         model.train()
         return model
@@ -174,10 +180,24 @@ class TPOTask:
         }
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
-        export_adapters(model, weights, out_dir, fused=self.cfg.tpo.fused_export)
+        export_adapters(model, weights, out_dir, self.card, fused=self.cfg.tpo.fused_export)
 
     def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]:
         return {}  # the benchmark (benchmarks/tpo.py) evaluates the routed sampler end to end
+
+
+def tpo_card(cfg: TPOConfig, teacher: ModelCard) -> ModelCard:
+    """The TPO export's card: the teacher's model, frames and sampler settings, routed at ``tpo.sigma_boundary``.
+
+    Both segments keep the teacher's CFG scale, shift and dropped conditions (`default_tpo_plan`'s
+    30-NFE split of steps).
+    """
+    guidance = teacher.sampler.guidance if teacher.sampler.guidance is not None else 1.0
+    plan = default_tpo_plan(cfg.tpo.sigma_boundary, motion_guidance=guidance, fidelity_guidance=guidance)
+    sampler = SamplerSpec(kind="tpo", shift=teacher.sampler.shift, cfg_drop=list(teacher.sampler.cfg_drop),
+                          tpo_boundary=cfg.tpo.sigma_boundary, tpo_plan=plan)
+    return ModelCard(kind="tpo", format="lora", base_model=cfg.model.pretrained_path, model=teacher.model,
+                     frames=teacher.frames, sampler=sampler, adapters=list(ADAPTERS))
 
 
 def _zero_touch(model: torch.nn.Module, adapter: str) -> torch.Tensor:
@@ -193,35 +213,6 @@ def _zero_touch(model: torch.nn.Module, adapter: str) -> torch.Tensor:
     return torch.stack([p.sum() for p in weights]).sum() * 0.0
 
 
-def export_adapters(model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path, fused: bool) -> None:
-    """``weights`` into a CPU copy of ``model``; each adapter to ``out_dir/<name>`` (diffusers LoRA), optionally fused."""
-    from model.denoiser import use_adapter
-
-    copy_ = copy.deepcopy(model).cpu().float()
-    missing = set(weights) - set(dict(copy_.named_parameters()))
-    if missing:
-        raise RuntimeError(f"export weights not in the model: {sorted(missing)[:5]}")
-    copy_.load_state_dict(weights, strict=False)
-    for name in ADAPTERS:
-        copy_.save_lora_adapter(str(out_dir / name), adapter_name=name)
-    (out_dir / "tpo.json").write_text(json.dumps({"adapters": list(ADAPTERS)}))
-    if not fused:
-        return
-    for name in ADAPTERS:
-        expert = copy.deepcopy(copy_)
-        use_adapter(expert, name)
-        expert.fuse_lora(adapter_names=[name])
-        expert.unload_lora()
-        expert.save_pretrained(str(out_dir / f"fused_{name}"), safe_serialization=True)
-
-
-def load_tpo_adapters(model: torch.nn.Module, export_dir: str | Path) -> None:
-    """Load ``export_dir/{motion,fidelity}`` (this job's export) into the teacher ``model``."""
-    for name in ADAPTERS:
-        model.load_lora_adapter(str(Path(export_dir) / name), adapter_name=name, prefix=None,
-                                weight_name="pytorch_lora_weights.safetensors")
-
-
 def _with_dimension_flag(batch: dict) -> dict:
     """Ray Data batch: the string column `dimension` -> bool `is_motion` (tensors only reach the workers)."""
     import numpy as np
@@ -232,18 +223,22 @@ def _with_dimension_flag(batch: dict) -> dict:
 
 def _train_fn(loop_config: dict) -> None:
     cfg = TPOConfig.model_validate(loop_config["cfg"])
-    run_worker_loop(cfg, TPOTask(cfg), columns=TRAIN_COLUMNS)
+    task = TPOTask(cfg, ModelCard.model_validate(loop_config["teacher_card"]))
+    run_worker_loop(cfg, task, columns=TRAIN_COLUMNS)
 
 
 def run(cfg: TPOConfig):
-    """Train (or resume) both TPO adapters on the pairs folder ``cfg.data``; returns Ray Train's Result."""
-    from model.storage import Storage
-    from ray_jobs.preferences.job import read_pairs
+    """Train (or resume) both TPO adapters on the pairs folder ``cfg.data``; returns its `ExportedRun`."""
+    from artifacts.exports import read_export_card
+    from artifacts.pairs import read_pairs
     from ray_jobs.training.driver import fit
 
+    storage = Storage(cfg.storage)
+    teacher = read_export_card(cfg.model.pretrained_path, storage)
     columns = [c for c in TRAIN_COLUMNS if c != "is_motion"] + ["dimension"]
-    pairs = read_pairs(cfg.data, Storage(cfg.storage), columns=columns).map_batches(_with_dimension_flag)
-    return fit(cfg, _train_fn, {"cfg": cfg.model_dump(mode="json")}, {"train": pairs})
+    pairs = read_pairs(cfg.data, storage, columns=columns).map_batches(_with_dimension_flag)
+    return fit(cfg, _train_fn, {"cfg": cfg.model_dump(mode="json"), "teacher_card": teacher.model_dump(mode="json")},
+               {"train": pairs})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                            default_config=str(Path(__file__).parent / "configs/tiny/train_tpo.yaml"))
     init_ray(cfg.ray)
     result = run(cfg)
-    print(json.dumps({"run": cfg.run.name, "metrics": result.metrics}, default=str))
+    print(json.dumps({"run": cfg.run.name, "export": result.export, "metrics": result.metrics}, default=str))
 
 
 if __name__ == "__main__":

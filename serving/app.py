@@ -26,9 +26,8 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
-from model.presets import VAE_GEOMETRY
-from model.storage import Storage
-from serving.config import ServeAppConfig
+from core.storage import Storage
+from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import (AnimationRequest, InputError, check_s3_uri, check_size, decode_audio_bytes,
                             decode_image, parse_face_box, parse_keypoints, resolve_frames)
 from serving.jobs import JobStore, new_job_id, valid_job_id
@@ -107,7 +106,7 @@ class _Settings:
 class Animator:
     """Model + VAE replica: sync `animate`, async `run_job`, both through one `@serve.batch` queue."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], served: dict[str, Any]) -> None:
         import torch
 
         from serving.engine import AnimationEngine
@@ -116,7 +115,7 @@ class Animator:
         if self.cfg.torch_threads is not None:
             torch.set_num_threads(self.cfg.torch_threads)
         storage = Storage(self.cfg.storage)
-        self.engine = AnimationEngine(self.cfg, storage)
+        self.engine = AnimationEngine(self.cfg, ServedModel.model_validate(served), storage)
         self.jobs = JobStore(storage, self.cfg.output, self.cfg.job_stale_s)
         self._batched.set_max_batch_size(self.cfg.animator.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.animator.batch_wait_timeout_s)
@@ -206,13 +205,14 @@ class Animator:
 class Ingress:
     """HTTP API: validates inputs, calls the `Animator`, serves job status and videos."""
 
-    def __init__(self, animator: DeploymentHandle, cfg: dict[str, Any]) -> None:
+    def __init__(self, animator: DeploymentHandle, cfg: dict[str, Any], served: dict[str, Any]) -> None:
         self.cfg = ServeAppConfig.model_validate(cfg)
+        self.served = ServedModel.model_validate(served)
         self.settings = _Settings(self.cfg)
         self.animator = animator
         self.storage = Storage(self.cfg.storage)
         self.jobs = JobStore(self.storage, self.cfg.output, self.cfg.job_stale_s)
-        self.temporal_factor = VAE_GEOMETRY[self.cfg.model.preset][1]
+        self.temporal_factor = self.served.temporal_factor
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ health
@@ -259,18 +259,22 @@ class Ingress:
         fps = cfg.default_fps if fps is None else fps
         if not limits.min_fps <= fps <= limits.max_fps:
             raise InputError("fps", f"must lie in [{limits.min_fps}, {limits.max_fps}]")
-        steps = cfg.steps if steps is None else steps
+        served = self.served
+        steps = served.default_steps if steps is None else steps
         if not 1 <= steps <= limits.max_steps:
             raise InputError("steps", f"must lie in [1, {limits.max_steps}]")
-        if cfg.sampler == "consistency" and cfg.consistency_edges and steps != cfg.steps:
-            raise InputError("steps", f"this student was distilled for exactly {cfg.steps} steps")
+        try:
+            served.spec.with_steps(steps)
+        except ValueError as exc:  # a student's edges or a TPO plan fix the step count
+            raise InputError("steps", str(exc)) from None
         if seed < 0 or seed >= 2**63:
             raise InputError("seed", "must lie in [0, 2**63)")
-        box = None if face_box is None else parse_face_box(face_box, "face_box", cfg.height, cfg.width)
-        ref = decode_image(image, "image", cfg.height, cfg.width, limits.max_image_pixels)
-        rate = cfg.model.audio.sample_rate
+        height, width = served.height, served.width
+        box = None if face_box is None else parse_face_box(face_box, "face_box", height, width)
+        ref = decode_image(image, "image", height, width, limits.max_image_pixels)
+        rate = served.card.model.audio.sample_rate
         wave = None if audio is None else decode_audio_bytes(audio, "audio", rate, limits.max_duration_s)
-        poses = None if keypoints is None else parse_keypoints(keypoints, "keypoints", cfg.height, cfg.width)
+        poses = None if keypoints is None else parse_keypoints(keypoints, "keypoints", height, width)
         num_frames, source = resolve_frames(frames, duration, fps, wave, poses, rate, cfg.default_frames)
         self._check_frames(num_frames, source, fps, poses)
         return AnimationRequest(ref, wave, poses, num_frames, fps, steps, seed, face_box=box)
@@ -397,8 +401,10 @@ def _num_gpus(knob: float | str) -> float:
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """Validate ``args`` as `ServeAppConfig`; return the bound app with deployment options from it."""
+    """Validate ``args`` as `ServeAppConfig`, read the export's model card (`resolve_served`); return the bound
+    app with deployment options from the config. A bad config or an unreadable card fails the deploy."""
     cfg = ServeAppConfig.model_validate(args or {})
+    served = resolve_served(cfg, Storage(cfg.storage)).model_dump(mode="json")
     knobs = cfg.animator
     animator = Animator.options(
         autoscaling_config=knobs.autoscaling_config(),
@@ -408,8 +414,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         health_check_period_s=knobs.health_check_period_s,
         health_check_timeout_s=knobs.health_check_timeout_s,
         graceful_shutdown_timeout_s=knobs.graceful_shutdown_timeout_s,
-    ).bind(cfg.model_dump())
+    ).bind(cfg.model_dump(), served)
     ingress = Ingress.options(num_replicas=cfg.ingress_replicas,
                               max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                               ray_actor_options={"num_cpus": 0.5})
-    return ingress.bind(animator, cfg.model_dump())
+    return ingress.bind(animator, cfg.model_dump(), served)

@@ -12,12 +12,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from model.config import StrictConfig
+from artifacts.card import ModelCard
+from core.config import StrictConfig
+from core.storage import Storage, StorageConfig
 from model.face import FaceCropConfig
-from model.presets import ModelConfig
-from model.storage import StorageConfig
+from model.presets import BUILTIN_PREFIX, VAE_GEOMETRY, ModelConfig
+from model.sampling import SamplerSpec
 
-__all__ = ["LimitsConfig", "DeploymentKnobs", "ServeAppConfig"]
+__all__ = ["LimitsConfig", "DeploymentKnobs", "ServeAppConfig", "ServedModel", "resolve_served"]
 
 
 class LimitsConfig(StrictConfig):
@@ -72,20 +74,18 @@ class DeploymentKnobs(StrictConfig):
 class ServeAppConfig(StrictConfig):
     """Everything the Serve app needs: which checkpoint, how to sample, where outputs go, limits, scaling."""
 
+    export: str | None = Field(None, description="the model export folder (student, TPO or teacher; local, s3:// or "
+                               "builtin:NAME): model, VAE, sampler and frame size come from its model_card.json")
     model: ModelConfig = Field(default_factory=ModelConfig,
-                               description="denoiser + VAE; pretrained_path None = tiny random init (noise-like output)")
-    adapter_path: str | None = Field(None, description="peft LoRA adapter folder on top of the model (local or s3://)")
-    sampler: Literal["consistency", "euler_cfg"] = Field("consistency", description="student (consistency) or teacher (euler_cfg)")
-    default_steps: int | None = Field(None, ge=1, description="steps when a request gives none (None: consistency 4, euler_cfg 50)")
-    guidance: float | None = Field(None, description="CFG scale for euler_cfg (None = 5.0); the consistency student runs none")
-    cfg_drop: list[Literal["ref", "pose", "audio", "face"]] = Field(
-        default_factory=lambda: ["audio", "pose"], description="conditions dropped for the unconditional CFG branch")
-    consistency_edges: list[float] | None = Field(None, description="the student's training segment edges (None = uniform)")
+                               description="only without `export`: a random-init preset (noise-like output, smoke tests)")
+    default_steps: int | None = Field(None, ge=1, description="steps when a request gives none (None: the card's)")
+    guidance: float | None = Field(None, ge=1.0, description="CFG scale of a teacher export (None: the card's)")
     face: FaceCropConfig = Field(default_factory=FaceCropConfig,
                                  description="reference face crop geometry: must equal the preprocessing `face:` "
                                              "section the model was trained on (the defaults are the same)")
-    height: int = Field(64, ge=16, description="output height; the reference is resized/cropped to it")
-    width: int = Field(64, ge=16, description="output width")
+    height: int | None = Field(None, ge=16, description="output height (None: the card's training frames); "
+                               "the reference is resized/cropped to it")
+    width: int | None = Field(None, ge=16, description="output width (None: the card's)")
     default_fps: float = Field(16.0, gt=0, description="fps when a request gives none")
     default_frames: int = Field(8, ge=1, description="frames when a request gives neither frames, duration nor audio")
     output: str = Field("/tmp/animations", description="job records and videos: local folder or s3://bucket/prefix")
@@ -117,21 +117,66 @@ class ServeAppConfig(StrictConfig):
             raise ValueError(f"allowed_s3_buckets takes bare bucket names, got {bad}")
         return value
 
+    @field_validator("export")
+    @classmethod
+    def _builtin_export(cls, value: str | None) -> str | None:
+        """``builtin:NAME`` -> the checked-in folder (as `ModelConfig.pretrained_path` resolves it)."""
+        if value is None or not value.startswith(BUILTIN_PREFIX):
+            return value
+        return ModelConfig(pretrained_path=value).pretrained_path
+
     @model_validator(mode="after")
-    def _sampler_args(self) -> "ServeAppConfig":
-        if self.sampler == "consistency" and self.guidance not in (None, 1.0):
-            raise ValueError("the consistency student runs no CFG: leave guidance unset")
-        if self.height % 2 or self.width % 2:
+    def _consistent(self) -> "ServeAppConfig":
+        if self.model.pretrained_path is not None:
+            raise ValueError("give the model folder as `export` (its card says how to load and sample it), "
+                             "not model.pretrained_path")
+        if (self.height or 2) % 2 or (self.width or 2) % 2:
             raise ValueError("height and width must be even (H.264 yuv420p)")
         if self.default_steps is not None and self.default_steps > self.limits.max_steps:
             raise ValueError(f"default_steps {self.default_steps} > limits.max_steps {self.limits.max_steps}")
         return self
 
+
+class ServedModel(StrictConfig):
+    """What the app serves, resolved once from the export's card and the config's few overrides."""
+
+    card: ModelCard
+    spec: SamplerSpec = Field(description="the card's sampler with the config's guidance")
+    height: int
+    width: int
+    default_steps: int
+
     @property
-    def steps(self) -> int:
-        """Steps used when a request names none."""
-        if self.default_steps is not None:
-            return self.default_steps
-        if self.consistency_edges is not None and self.sampler == "consistency":
-            return len(self.consistency_edges) - 1
-        return 4 if self.sampler == "consistency" else 50
+    def temporal_factor(self) -> int:
+        return VAE_GEOMETRY[self.card.model.preset][1]
+
+
+def resolve_served(cfg: ServeAppConfig, storage: Storage) -> ServedModel:
+    """Read the export's card (inferred for an old folder) and apply ``guidance``/``height``/``width``/``default_steps``.
+
+    Without an export: the random-init ``cfg.model`` as a 4-segment consistency model (cheapest sampler).
+    """
+    from artifacts.exports import read_export_card
+
+    if cfg.export is not None:
+        card = read_export_card(cfg.export, storage)
+    else:
+        card = ModelCard(kind="student", model=cfg.model, sampler=SamplerSpec(kind="consistency", steps=4))
+    spec = card.sampler
+    if cfg.guidance is not None:
+        if spec.kind != "euler_cfg":
+            raise ValueError(f"guidance is a teacher (euler_cfg) setting; this {card.kind} samples with {spec.kind!r}")
+        spec = spec.model_copy(update={"guidance": cfg.guidance})
+    steps = cfg.default_steps if cfg.default_steps is not None else _card_steps(spec)
+    spec.with_steps(steps)  # a student's edges / a TPO plan fix the count: fail at deploy, not per request
+    return ServedModel(card=card, spec=spec, height=cfg.height or card.frames.height,
+                       width=cfg.width or card.frames.width, default_steps=steps)
+
+
+def _card_steps(spec: SamplerSpec) -> int:
+    """The step count a spec runs when nobody overrides it."""
+    if spec.kind == "tpo":
+        return sum(seg.steps for seg in spec.segments())
+    if spec.kind == "consistency":
+        return len(spec.consistency_edges()) - 1
+    return spec.steps or 50

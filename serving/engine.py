@@ -20,8 +20,12 @@ Conditions from a request (shapes as in `model.conditions`):
 Absent conditions are present-but-dropped (keep False) rather than None so that any requests can
 be concatenated into one batch; the denoiser then uses the learned null, as for None.
 
-No checkpoint (``model.pretrained_path`` None) builds the preset with random init: the app runs
-end to end, but the video is noise-like until a trained student checkpoint is configured.
+What is served is an export folder (``export``): `artifacts.exports.load_export` rebuilds the model
+from it and its model card, whose `SamplerSpec` (kind, steps or edges, shift, guidance, the
+conditions CFG drops, a TPO plan with its adapter switch) `model.sampling.sample` runs; the VAE and
+the audio feature geometry come from the card too, so nothing the training decided is restated
+here. No export builds ``model``'s preset with random init: the app runs end to end, but the video
+is noise-like.
 """
 
 from __future__ import annotations
@@ -34,17 +38,19 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from artifacts.exports import load_export
+from artifacts.models import load_vae
+from core.media import mux_mp4
+from core.storage import Storage
 from model.audio import audio_features
 from model.conditions import Conditions
 from model.face import ReferenceFace, reference_face
-from model.flow import inference_sigmas
-from model.media import mux_mp4
 from model.pose import render_pose
 from model.presets import build_denoiser
-from model.samplers import SamplerProgress, sample_consistency, sample_euler_cfg, segment_edges
-from model.storage import Storage
-from model.vae import load_vae, video_to_uint8
-from serving.config import ServeAppConfig
+from model.samplers import SamplerProgress
+from model.sampling import sample
+from model.vae import uint8_to_signed, video_to_uint8
+from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import AnimationRequest
 
 __all__ = ["AnimationEngine", "Animation", "FaceReport"]
@@ -92,17 +98,24 @@ class Animation:
 class AnimationEngine:
     """Holds the denoiser and VAE on one device; turns `AnimationRequest`s into frames and MP4 bytes."""
 
-    def __init__(self, cfg: ServeAppConfig, storage: Storage | None = None) -> None:
+    def __init__(self, cfg: ServeAppConfig, served: ServedModel | None = None, storage: Storage | None = None) -> None:
         self.cfg = cfg
         self.storage = storage or Storage(cfg.storage)
+        self.served = served or resolve_served(cfg, self.storage)
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-        self.model = build_denoiser(cfg.model, self.storage).to(self.device).eval().requires_grad_(False)
-        if cfg.adapter_path is not None:
-            with self.storage.local_copy(cfg.adapter_path) as folder:
-                self.model.load_lora_adapter(str(folder), adapter_name="serve")
-        self.vae = load_vae(cfg.model.vae_path, self.storage, self.device)
-        if self.vae.spatial_factor * 2 > min(cfg.height, cfg.width) or cfg.height % self.vae.spatial_factor or cfg.width % self.vae.spatial_factor:
-            raise ValueError(f"height/width {cfg.height}x{cfg.width} do not fit the VAE's spatial factor {self.vae.spatial_factor}")
+        self.adapter_switch = None
+        if cfg.export is not None:
+            loaded = load_export(cfg.export, self.storage, self.device)
+            self.model, self.adapter_switch = loaded.model, loaded.adapter_switch
+        else:
+            self.model = build_denoiser(cfg.model).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.audio = self.served.card.model.audio
+        self.height, self.width = self.served.height, self.served.width
+        self.vae = load_vae(self.served.card.model.vae_path, self.storage, self.device)
+        spatial = self.vae.spatial_factor
+        if spatial * 2 > min(self.height, self.width) or self.height % spatial or self.width % spatial:
+            raise ValueError(f"height/width {self.height}x{self.width} do not fit the VAE's spatial factor {spatial}")
         if self.model.config.face_injection and cfg.face.size % (self.vae.spatial_factor * self.model.config.face_patch):
             raise ValueError(f"face.size {cfg.face.size} is not a multiple of the VAE's spatial factor "
                              f"{self.vae.spatial_factor} x the face patch {self.model.config.face_patch}")
@@ -126,15 +139,15 @@ class AnimationEngine:
 
         `face`: the request's `reference_face` when the caller already has it (it is computed otherwise).
         """
-        cfg, frames = self.cfg, request.num_frames
+        frames = request.num_frames
         ref = self.vae.encode(request.ref_image[None, None])  # (1, C, 1, h, w)
         audio_keep = request.audio is not None
         wave = request.audio if audio_keep else np.zeros(1, np.float32)
-        audio = torch.from_numpy(audio_features(wave, request.fps, frames, cfg.model.audio))[None]
+        audio = torch.from_numpy(audio_features(wave, request.fps, frames, self.audio))[None]
         pose_keep = request.keypoints is not None
-        pose_maps = (render_pose(request.keypoints, cfg.height, cfg.width) if pose_keep
-                     else np.zeros((frames, cfg.height, cfg.width, 3), np.uint8))
-        pose = torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+        pose_maps = (render_pose(request.keypoints, self.height, self.width) if pose_keep
+                     else np.zeros((frames, self.height, self.width, 3), np.uint8))
+        pose = uint8_to_signed(torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None])
         keep = {"audio": torch.tensor([audio_keep]), "pose": torch.tensor([pose_keep])}
         face = self.reference_face(request) if face is None else face
         face_latent = None
@@ -146,16 +159,8 @@ class AnimationEngine:
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, x: torch.Tensor, cond: Conditions, steps: int, progress: Callable[[SamplerProgress], None]):
-        """The configured sampler on x (B, C, t, h, w) from sigma 1: consistency (no CFG) or Euler + CFG."""
-        cfg = self.cfg
-        if cfg.sampler == "consistency":
-            edges = segment_edges(list(cfg.consistency_edges)) if cfg.consistency_edges else segment_edges(steps, 1.0)
-            if len(edges) - 1 != steps:
-                raise ValueError(f"steps {steps} != the student's {len(edges) - 1} segments")
-            return sample_consistency(self.model, x, cond, edges, callback=progress)
-        uncond = cond.drop(set(cfg.cfg_drop))
-        guidance = 5.0 if cfg.guidance is None else cfg.guidance
-        return sample_euler_cfg(self.model, x, inference_sigmas(steps, 1.0), cond, uncond, guidance, callback=progress)
+        """The export's sampler (its card's spec at ``steps``) on x (B, C, t, h, w) from sigma 1."""
+        return sample(self.model, x, cond, self.served.spec.with_steps(steps), self.adapter_switch, progress)
 
     @torch.no_grad()
     def generate_batch(self, requests: Sequence[AnimationRequest],
@@ -167,7 +172,7 @@ class AnimationEngine:
             raise ValueError(f"generate_batch needs requests of one shape (frames, steps), got {sorted(keys)}")
         frames, steps = keys.pop()
         shape = (1, self.vae.latent_channels, self.vae.num_latent_frames(frames),
-                 self.cfg.height // self.vae.spatial_factor, self.cfg.width // self.vae.spatial_factor)
+                 self.height // self.vae.spatial_factor, self.width // self.vae.spatial_factor)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r.seed)) for r in requests])
         faces = [self.reference_face(r) for r in requests]
         cond = Conditions.cat([self.conditions(r, f) for r, f in zip(requests, faces)])
@@ -187,12 +192,12 @@ class AnimationEngine:
         """H.264 MP4 of the frames with the request's audio (trimmed/padded to frames / fps) muxed in."""
         audio = None
         if request.audio is not None:
-            rate = self.cfg.model.audio.sample_rate
+            rate = self.audio.sample_rate
             samples = round(request.num_frames / request.fps * rate)
             audio = np.zeros(samples, np.float32)
             clip = request.audio[:samples]
             audio[: clip.size] = clip
-        return mux_mp4(animation.frames, audio, request.fps, sample_rate=self.cfg.model.audio.sample_rate)
+        return mux_mp4(animation.frames, audio, request.fps, sample_rate=self.audio.sample_rate)
 
     def animate(self, request: AnimationRequest, progress: ProgressFn | None = None) -> tuple[bytes, Animation]:
         """One request end to end (the in-process reference path the benchmark compares Serve with)."""
@@ -202,8 +207,8 @@ class AnimationEngine:
     def warmup(self) -> float:
         """One 1-step generation of a grey reference (allocations, kernels); returns seconds."""
         start = time.perf_counter()
-        grey = np.full((self.cfg.height, self.cfg.width, 3), 128, np.uint8)
+        grey = np.full((self.height, self.width, 3), 128, np.uint8)
         frames = 1 + self.vae.temporal_factor
-        steps = self.cfg.steps if self.cfg.consistency_edges else 1  # a student's edges fix its step count
+        steps = self.served.default_steps
         self.generate_batch([AnimationRequest(grey, None, None, frames, self.cfg.default_fps, steps, 0)])
         return time.perf_counter() - start

@@ -5,7 +5,7 @@ so bad input costs no model time and never reaches the `Animator`.
 
 * reference image: PNG or JPEG only (Pillow identifies the format from the bytes, never from the
   name), resized to cover the model's H x W and centre-cropped (Pillow's `ImageOps.fit`).
-* audio: any container ffmpeg reads, decoded to mono 16 kHz by `model.media.decode_audio`.
+* audio: any container ffmpeg reads, decoded to mono 16 kHz by `core.media.decode_audio`.
 * pose: COCO-17 keypoints JSON ``[T][17][3]`` (x, y, confidence) in pixels of the model's H x W.
   A driving pose *video* needs a pose extractor (ONNX DWPose) that this app does not ship; it is
   rejected with a 422 naming ``pose_video``.
@@ -89,7 +89,7 @@ def decode_image(data: bytes, field: str, height: int, width: int, max_pixels: i
 
 def decode_audio_bytes(data: bytes, field: str, sample_rate: int, max_duration_s: float) -> np.ndarray:
     """Audio file bytes -> float32 mono (N,) at `sample_rate`; 422 for non-audio, 413 when too long."""
-    from model.media import MediaError, decode_audio
+    from core.media import MediaError, decode_audio
 
     with tempfile.TemporaryDirectory(prefix="serve-audio-") as tmp:
         path = Path(tmp) / "upload"

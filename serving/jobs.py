@@ -1,6 +1,6 @@
 """Async job records and videos, kept in the output store so they outlive any replica.
 
-Layout under ``output`` (local folder or ``s3://bucket/prefix``, through `model.storage.Storage`):
+Layout under ``output`` (local folder or ``s3://bucket/prefix``, through `core.storage.Storage`):
 
 * ``{output}/jobs/{id}.json``: ``{"id", "status": queued|running|done|failed, "progress": {"done",
   "total"}, "created_at", "updated_at", "error", "nfe", "seconds", "face", "params"}``; ``face`` is
@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from model.storage import Storage, StorageNotFoundError
+from core.storage import Storage, StorageNotFoundError
 
 __all__ = ["JobStore", "new_job_id", "valid_job_id"]
 

@@ -75,7 +75,7 @@ def s3_bucket(s3_server) -> str:
 @pytest.fixture
 def storage(s3_server):
     """A `Storage` whose S3 side talks to the moto server (local paths work as usual)."""
-    from model.storage import Storage, StorageConfig
+    from core.storage import Storage, StorageConfig
 
     return Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))
 
@@ -130,7 +130,7 @@ def tiny_data(s3_server, tmp_path_factory):
     Returns the shards folder. 6 videos x 2 s at 16 fps = 4 clips of 8 frames each (24 clips),
     identities split 4 train / 1 held-out.
     """
-    from model.config import load_config
+    from core.config import load_config
     from ray_jobs.preprocess.config import PreprocessConfig
     from ray_jobs.preprocess.job import run as preprocess
     from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize

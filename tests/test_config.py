@@ -8,8 +8,8 @@ from typing import Literal
 import pytest
 from pydantic import Field
 
-from model.config import ConfigError, StrictConfig, load_config, parse_overrides
-from model.storage import StorageConfig
+from core.config import ConfigError, StrictConfig, load_config, parse_overrides
+from core.storage import StorageConfig
 from ray_jobs.common import RayConfig, parse_job_config
 from ray_jobs.configs import (CONFIGS_DIR, JOB_CONFIGS, ConfigRegistryError, config_class, example_configs,
                               job_for_config)

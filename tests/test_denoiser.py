@@ -279,7 +279,11 @@ def test_s3_round_trip(tmp_path, s3_bucket, storage):
     model.save_pretrained(str(tmp_path / "export"))
     uri = f"{s3_bucket}/runs/teacher/export"
     storage.upload_dir(tmp_path / "export", uri)
-    loaded = build_denoiser(ModelConfig(pretrained_path=uri, aux_head=True), storage=storage).eval()
+    with pytest.raises(ValueError, match="remote"):  # model/ reads local folders only
+        build_denoiser(ModelConfig(pretrained_path=uri, aux_head=True))
+    from artifacts.models import load_denoiser
+
+    loaded = load_denoiser(ModelConfig(pretrained_path=uri, aux_head=True), storage).eval()
     x, sigma, cond = _inputs()
     with torch.no_grad():
         expected = model(x, sigma, cond, return_aux=True)

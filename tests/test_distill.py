@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from model.conditions import Conditions
-from model.config import load_config
+from core.config import load_config
 from model.flow import add_noise
 from model.generate import generate
 from model.losses import consistency_function, fine_solver_grid, sample_consistency_pair
 from model.presets import ModelConfig, build_denoiser
 from model.samplers import consistency_target_edge, sample_consistency, segment_edges
-from ray_jobs.distill_lcm import (DistillConfig, DistillObjective, DistillTask, distill_losses, export_student,
-                                  load_student, run, update_target)
+from artifacts.exports import export_student, load_export
+from core.storage import Storage
+from ray_jobs.distill_lcm import DistillConfig, DistillObjective, DistillTask, distill_losses, run, update_target
 
 TINY = "ray_jobs/configs/tiny/distill_lcm.yaml"
 
@@ -73,8 +74,17 @@ class _Engine:
         return self.module(*args, **kwargs)
 
 
+def _new_task(cfg: DistillConfig) -> DistillTask:
+    """The task as a worker builds it: the teacher's card (its CFG drop) and the shards' data card (frames)."""
+    from artifacts.card import DataCard, ModelCard
+    from model.sampling import SamplerSpec
+
+    return DistillTask(cfg, None, ModelCard(kind="teacher", sampler=SamplerSpec(cfg_drop=["pose", "audio", "face"])),
+                       DataCard(uri="in-memory"))
+
+
 def _task(cfg: DistillConfig) -> tuple[DistillTask, _Engine]:
-    task = DistillTask(cfg, None)
+    task = _new_task(cfg)
     torch.manual_seed(0)
     engine = _Engine(task.build_model())
     task.on_engine_ready(engine, torch.device("cpu"), torch.float32)
@@ -184,7 +194,7 @@ def test_each_switch_removes_its_term(teacher_dir):
     _, terms = task.micro_step(engine, _batch(), torch.Generator().manual_seed(0))
     assert len(calls) == 1 and terms["teacher_w"] == 1.0
     # K = 1: plain consistency distillation, every target is the clean end (edge 0).
-    task = DistillTask(_config(teacher_dir, **{"objective.segments": 1}), None)
+    task = _new_task(_config(teacher_dir, **{"objective.segments": 1}))
     assert task.edges.tolist() == [0.0, 1.0]
 
 
@@ -249,8 +259,10 @@ def test_lora_export_loads_and_samples_in_k_nfe(teacher_dir, tmp_path):
             if "lora_B" in name:
                 param.fill_(0.01)
     weights = {n: p.detach().clone() for n, p in engine.module.named_parameters() if p.requires_grad}
-    export_student(engine.module, weights, tmp_path / "export", cfg)
-    student, edges = load_student(str(tmp_path / "export"))
+    export_student(engine.module, weights, tmp_path / "export", task.card)
+    loaded = load_export(str(tmp_path / "export"), Storage())
+    student, edges = loaded.model, loaded.sampler.edges
+    assert loaded.card.format == "lora" and loaded.card.base_model == teacher_dir
     assert edges == [0.0, 0.5, 1.0] and not student.config.aux_head
     cond = Conditions.from_batch(_batch(1))
     x = torch.randn(1, 16, 8, 16, 16)
@@ -276,12 +288,13 @@ def test_two_worker_deepspeed_distillation_exports_a_k_step_student(tiny_data, t
     assert all(ln["loss_cd"] >= 0 and ln["loss_aux"] > 0 and np.isfinite(ln["loss"]) for ln in lines)
     assert result.metrics["val_nfe"] == 4.0
     export = tmp_path / "student" / "export"
-    assert json.loads((export / "student.json").read_text())["edges"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    student, edges = load_student(str(export))
+    loaded = load_export(str(export), Storage())
+    assert loaded.card.kind == "student" and loaded.sampler.edges == [0.0, 0.25, 0.5, 0.75, 1.0]
+    student = loaded.model
     teacher = build_denoiser(ModelConfig(pretrained_path=teacher_dir))
     changed = dict(student.named_parameters())
     assert any(not torch.equal(p, changed[n]) for n, p in teacher.named_parameters()), "student equals the teacher"
     cond = Conditions.from_batch(_batch(1))
-    out = generate(student, load_vae(None), cond, None, num_frames=8, sampler="consistency", consistency_edges=edges)
+    out = generate(student, load_vae(None), cond, num_frames=8, spec=loaded.sampler)
     assert out.nfe == 4 and tuple(out.frames.shape) == (8, 64, 64, 3)
     assert Path(tmp_path / "student" / "validation").is_dir()

@@ -27,7 +27,7 @@ def _random_teacher(folder: Path) -> Path:
 
 
 def test_evaluate_cli_writes_metrics_and_grid(tiny_data, tmp_path):
-    from model.media import probe
+    from core.media import probe
 
     teacher = _random_teacher(tmp_path / "teacher")
     out = tmp_path / "eval"
@@ -55,19 +55,19 @@ def test_evaluate_cli_writes_metrics_and_grid(tiny_data, tmp_path):
 
 
 def test_student_folder_gets_the_consistency_sampler(tmp_path):
-    from model.storage import Storage
+    from core.storage import Storage
     from ray_jobs.evaluate import EvaluateConfig, model_variant
 
     student = _random_teacher(tmp_path / "student")
-    meta = {"format": "full", "preset": "tiny", "face_injection": True, "edges": [1.0, 0.75, 0.5, 0.25, 0.0]}
-    (student / "student.json").write_text(json.dumps(meta))
+    meta = {"format": "full", "preset": "tiny", "face_injection": True, "edges": [0.0, 0.3, 0.5, 0.75, 1.0]}
+    (student / "student.json").write_text(json.dumps(meta))  # a student exported before model cards
     variant = model_variant(EvaluateConfig(model=str(student)), Storage())
-    assert variant.sampler == "consistency" and variant.name == "student"
-    assert variant.sampler_kwargs["consistency_edges"] == meta["edges"]
+    assert variant.spec.kind == "consistency" and variant.name == "student"
+    assert variant.spec.consistency_edges().tolist() == pytest.approx(meta["edges"])
     two = model_variant(EvaluateConfig(model=str(student), steps=2), Storage())
-    assert len(two.sampler_kwargs["consistency_edges"]) == 3
+    assert two.spec.consistency_edges().tolist() == [0.0, 0.5, 1.0] and two.spec.nfe == 2
     teacher = model_variant(EvaluateConfig(model=str(_random_teacher(tmp_path / "teacher")), steps=3), Storage())
-    assert teacher.sampler == "euler_cfg" and teacher.sampler_kwargs == {"steps": 3, "guidance": 1.5, "shift": 1.0}
+    assert teacher.spec.kind == "euler_cfg" and (teacher.spec.steps, teacher.spec.guidance, teacher.spec.shift) == (3, 1.5, 1.0)
 
 
 def test_summaries_keep_infinite_and_nan_apart():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import load_config
+from core.config import load_config
 from model.face import FaceCropConfig, crop_faces, detect_face, reference_face
 
 haar = pytest.mark.skipif(not hasattr(cv2, "CascadeClassifier"), reason="OpenCV 5 has no Haar cascades")
@@ -108,8 +108,8 @@ def _denoised(batch: dict) -> torch.Tensor:
 
 
 def test_the_clips_own_faces_never_reach_the_model(preprocessed):
-    from ray_jobs.preferences.job import CONDITION_COLUMNS
-    from ray_jobs.train_teacher import TRAIN_COLUMNS as TEACHER_COLUMNS
+    from artifacts.pairs import CONDITION_COLUMNS
+    from ray_jobs.training.teacher_objective import TRAIN_COLUMNS as TEACHER_COLUMNS
     from ray_jobs.train_tpo import TRAIN_COLUMNS as TPO_COLUMNS
 
     encoder, clips, cfg = preprocessed

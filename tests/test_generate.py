@@ -1,4 +1,4 @@
-"""generate(): the real tiny denoiser, real Conditions and the real VideoVAE wrapper, through all three samplers."""
+"""generate(): the real tiny denoiser, real Conditions and the real VideoVAE wrapper, through all three sampler specs."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from model.denoiser import lora_config, use_adapter
 from model.generate import generate, latent_shape
 from model.presets import ModelConfig, build_denoiser
 from model.samplers import SegmentPlan
+from model.sampling import SamplerSpec
 from model.vae import VideoVAE
 
 
@@ -32,7 +33,7 @@ def setup():
     )
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(float(args[1][0])))
-    yield model, vae, cond, cond.drop({"ref", "pose", "audio", "face"}), calls
+    yield model, vae, cond, ["ref", "pose", "audio", "face"], calls
     torch.set_num_threads(previous)
 
 
@@ -44,20 +45,21 @@ def test_latent_shape_follows_vae_geometry(setup):
 
 
 def test_euler_cfg_frames_nfe_and_seed(setup):
-    model, vae, cond, uncond, calls = setup
+    model, vae, cond, drop, calls = setup
     calls.clear()
     events = []
-    out = generate(model, vae, cond, uncond, num_frames=8, steps=3, guidance=2.0, seed=1, callback=events.append)
+    spec = SamplerSpec(kind="euler_cfg", steps=3, guidance=2.0, cfg_drop=drop)
+    out = generate(model, vae, cond, num_frames=8, spec=spec, seed=1, callback=events.append)
     assert out.frames.shape == (8, 64, 64, 3) and out.frames.dtype == torch.uint8
     assert out.nfe == 6 == len(calls) and out.seconds > 0 and events[-1].step == events[-1].total_steps == 3
-    again = generate(model, vae, cond, uncond, num_frames=8, steps=3, guidance=2.0, seed=1)
-    other = generate(model, vae, cond, uncond, num_frames=8, steps=3, guidance=2.0, seed=2)
+    again = generate(model, vae, cond, num_frames=8, spec=spec, seed=1)
+    other = generate(model, vae, cond, num_frames=8, spec=spec, seed=2)
     assert torch.equal(out.frames, again.frames) and not torch.equal(out.frames, other.frames)
     assert out.frames.float().std() > 0  # decoded pixels vary, not a constant image
 
 
 def test_tpo_switches_real_adapters_and_spends_plan_nfe(setup):
-    model, vae, cond, uncond, calls = setup
+    model, vae, cond, drop, calls = setup
     switched = []
 
     def switch(name):
@@ -65,25 +67,44 @@ def test_tpo_switches_real_adapters_and_spends_plan_nfe(setup):
         use_adapter(model, name)
 
     calls.clear()
-    out = generate(model, vae, cond, uncond, num_frames=8, sampler="tpo", adapter_switch=switch, seed=0)
+    out = generate(model, vae, cond, num_frames=8, spec=SamplerSpec(kind="tpo", cfg_drop=drop), adapter_switch=switch, seed=0)
     assert out.nfe == 30 == len(calls) and switched == ["motion", "fidelity"]
     plan = [SegmentPlan(name="motion", sigma_high=1.0, sigma_low=0.8, steps=1, guidance=1.0, adapter="motion"),
             SegmentPlan(name="fidelity", sigma_high=0.8, sigma_low=0.0, steps=2, guidance=3.0, adapter=None)]
     calls.clear()
-    small = generate(model, vae, cond, uncond, num_frames=8, sampler="tpo", tpo_plan=plan, adapter_switch=switch)
+    small = generate(model, vae, cond, num_frames=8, spec=SamplerSpec(kind="tpo", tpo_plan=plan), adapter_switch=switch)
     assert small.nfe == 5 == len(calls) and switched[-2:] == ["motion", None]
-    with pytest.raises(ValueError, match="tpo_plan"):
-        generate(model, vae, cond, uncond, num_frames=8, sampler="tpo", steps=4, adapter_switch=switch)
+    with pytest.raises(ValueError, match="from its plan"):
+        SamplerSpec(kind="tpo", steps=4)
 
 
 def test_consistency_runs_k_nfe_on_the_edges_without_cfg(setup):
-    model, vae, cond, uncond, calls = setup
+    model, vae, cond, _, calls = setup
     use_adapter(model, None)
     calls.clear()
-    out = generate(model, vae, cond, None, num_frames=8, sampler="consistency", steps=4)
+    out = generate(model, vae, cond, num_frames=8, spec=SamplerSpec(kind="consistency", steps=4))
     assert out.nfe == 4 and calls == [1.0, 0.75, 0.5, 0.25]
     calls.clear()
-    out = generate(model, vae, cond, None, num_frames=8, sampler="consistency", consistency_edges=[0.0, 0.6, 1.0])
+    out = generate(model, vae, cond, num_frames=8, spec=SamplerSpec(kind="consistency", edges=[0.0, 0.6, 1.0]))
     assert out.nfe == 2 and calls == pytest.approx([1.0, 0.6]) and out.frames.shape == (8, 64, 64, 3)
     with pytest.raises(ValueError, match="never runs CFG"):
-        generate(model, vae, cond, uncond, num_frames=8, sampler="consistency", guidance=3.0)
+        SamplerSpec(kind="consistency", guidance=3.0)
+
+
+def test_spec_shift_and_step_overrides_reach_the_model(setup):
+    """The spec's shift sets the sigma table; with_steps respects what a student's edges fix."""
+    from model.flow import inference_sigmas
+
+    model, vae, cond, drop, calls = setup
+    calls.clear()
+    spec = SamplerSpec(kind="euler_cfg", steps=3, guidance=1.0, shift=3.0)
+    out = generate(model, vae, cond, num_frames=8, spec=spec)
+    assert out.nfe == 3 and calls == pytest.approx(inference_sigmas(3, 3.0)[:-1].tolist(), abs=1e-6)
+    assert calls != pytest.approx(inference_sigmas(3, 1.0)[:-1].tolist(), abs=1e-3)
+    assert spec.with_steps(7).steps == 7 and spec.with_steps(7).nfe == 7
+    student = SamplerSpec(kind="consistency", edges=[0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match="distilled for 2 steps"):
+        student.with_steps(4)
+    assert student.consistency_at(4).consistency_edges().tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="unknown conditions"):
+        SamplerSpec(cfg_drop=["pose", "lips"])

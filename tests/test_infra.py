@@ -178,7 +178,7 @@ def _config_class(module: str) -> type:
 
 def test_kuberay_job_arguments_parse_into_the_job_configs():
     """Each RayJob's --config file plus its --set overrides is a valid config of that job (no typos)."""
-    from model.config import load_config
+    from core.config import load_config
 
     for name, manifest in _manifests().items():
         if manifest["kind"] != "RayJob":

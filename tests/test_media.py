@@ -1,4 +1,4 @@
-"""model.media on real files made by the bundled ffmpeg: probe, crop/pad/fps, rotation, audio, errors."""
+"""core.media on real files made by the bundled ffmpeg: probe, crop/pad/fps, rotation, audio, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, ffmpeg_exe, iter_video_chunks,
+from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, ffmpeg_exe, iter_video_chunks,
                          mux_mp4, probe)
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 20, 230), (20, 200, 20)

@@ -88,7 +88,7 @@ def test_saved_folder_rebuilds_the_model(detector, tmp_path):
 
 
 def test_fit_job_writes_a_loadable_folder_and_report(tmp_path):
-    from model.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
     from ray_jobs.fit_perception import FitPerceptionConfig, fit_perception
 
     path = "ray_jobs/configs/assets/fit_perception.yaml"

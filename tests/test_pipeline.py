@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from model.config import load_config
-from model.media import probe
+from core.config import load_config
+from core.media import probe
 from ray_jobs.pipeline import STAGES, PipelineConfig, run
 
 REDUCED = {

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from model.audio import audio_features
-from model.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from model.face import reference_face
-from model.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4
+from core.media import MediaError, decode_audio, decode_video, ffmpeg_exe, mux_mp4
 from model.pose import render_pose
-from model.storage import Storage
-from ray_jobs import shards
+from core.storage import Storage
+from artifacts import tables as shards
 from ray_jobs.preprocess import PreprocessConfig, main, run
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess import udfs
@@ -155,7 +155,7 @@ def _check_clip(row: dict, videos: Path) -> None:
 
 
 def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos, tmp_path):
-    from model.storage import Storage
+    from core.storage import Storage
 
     storage, inputs, output = Storage(), tmp_path / "videos", str(tmp_path / "shards")
     shutil.copytree(videos, inputs, ignore=shutil.ignore_patterns("good1.*"))  # good1 arrives later

@@ -55,8 +55,8 @@ def test_joint_drop_drops_the_cfg_conditions_together_at_its_rate():
 def test_rendered_frames_give_the_same_clips_as_their_decoded_video(tmp_path):
     """`clips_from_frames` is the preprocessing path minus the codec: fed the decoded frames it equals
     the rows the job makes from the MP4 file."""
-    from model.config import load_config
-    from model.media import decode_video_and_audio, probe
+    from core.config import load_config
+    from core.media import decode_video_and_audio, probe
     from ray_jobs.preprocess import udfs
     from ray_jobs.preprocess.config import PreprocessConfig
     from ray_jobs.synthetic.world import SyntheticConfig, write_video
@@ -109,7 +109,7 @@ def test_the_shipped_teacher_animates_identities_it_never_saw():
     from model.samplers import sample_euler_cfg
     from model.vae import load_vae, video_to_uint8
     from ray_jobs.pretrain_teacher import PretrainConfig, _heldout, encode_latents, render_world
-    from ray_jobs.train_teacher import TRAIN_COLUMNS
+    from ray_jobs.training.teacher_objective import TRAIN_COLUMNS
 
     cfg = PretrainConfig()
     world = cfg.demo_world.model_copy(update={"num_videos": 8})  # one video of each identity

@@ -137,7 +137,7 @@ def _post(url: str, files: dict, data: dict | None = None, key: str | None = KEY
 
 
 def _probe_mp4(content: bytes, tmp_path: Path):
-    from model.media import decode_audio, decode_video, probe
+    from core.media import decode_audio, decode_video, probe
 
     path = tmp_path / f"out{time.monotonic_ns()}.mp4"
     path.write_bytes(content)
@@ -148,14 +148,19 @@ def _probe_mp4(content: bytes, tmp_path: Path):
 def test_config_yaml_passes_serve_deploy_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.config import ServeAppConfig
+    from core.storage import Storage
+    from serving.config import ServeAppConfig, resolve_served
 
     for name in ("config.yaml", "config.dev.yaml"):
         data = yaml.safe_load((REPO / "serving" / name).read_text())
         schema = ServeDeploySchema.model_validate(data)
         assert schema.applications[0].import_path == "serving.app:build_app"
         cfg = ServeAppConfig.model_validate(data["applications"][0]["args"])
-        assert cfg.sampler == "consistency" and cfg.steps == 4
+        assert (cfg.export is not None) == (name == "config.yaml")  # the cluster serves an export, dev a random init
+    dev = ServeAppConfig.model_validate(yaml.safe_load((REPO / "serving" / "config.dev.yaml").read_text())
+                                        ["applications"][0]["args"])
+    served = resolve_served(dev, Storage())
+    assert served.spec.kind == "consistency" and served.default_steps == 4 and (served.height, served.width) == (64, 64)
     cluster = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())["applications"][0]["args"]
     assert cluster["api_key_env"] == "ANIMATION_API_KEY" and "api_key" not in cluster
     with pytest.raises(ValueError, match="api_key_env"):
@@ -177,6 +182,7 @@ def engine(tiny_vae):
 
 def test_engine_batch_of_one_matches_generate(engine):
     from model.generate import generate
+    from model.sampling import SamplerSpec
     from serving.inputs import AnimationRequest, decode_image
 
     ref = decode_image(_png(), "image", 64, 64, 10**6)
@@ -187,8 +193,8 @@ def test_engine_batch_of_one_matches_generate(engine):
                              seed=3, face_box=box)
     steps_seen = []
     batch = engine.generate_batch([one, other], [lambda d, t: steps_seen.append((d, t)), None])  # with + without a face
-    direct = generate(engine.model, engine.vae, engine.conditions(one), None, 6, 64, 64,
-                      sampler="consistency", steps=2, seed=7)
+    direct = generate(engine.model, engine.vae, engine.conditions(one), 6, 64, 64,
+                      spec=SamplerSpec(kind="consistency", steps=2), seed=7)
     alone = engine.generate_batch([other])[0]
     assert batch[0].frames.shape == (6, 64, 64, 3) and batch[0].nfe == direct.nfe == 2
     assert np.abs(batch[0].frames.astype(int) - direct.frames.numpy().astype(int)).max() <= 1

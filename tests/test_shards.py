@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs import shards
+from artifacts import tables as shards
 
 
 def _columns(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:

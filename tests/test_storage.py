@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from model.storage import MANIFEST_NAME, Storage, StorageConfig, StorageError, StorageNotFoundError
+from core.storage import MANIFEST_NAME, Storage, StorageConfig, StorageError, StorageNotFoundError
 
 from conftest import FAKE_SECRET_KEY
 

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from model.config import ConfigError, load_config
-from model.media import decode_audio, decode_video, probe
+from core.config import ConfigError, load_config
+from core.media import decode_audio, decode_video, probe
 from model.pose import COCO17_LIMBS, LIMB_COLORS, render_pose
 from ray_jobs.synthetic import SyntheticConfig, generate_video, ground_truth_frames, render_frames, run
 from ray_jobs.synthetic.__main__ import main, parse_args

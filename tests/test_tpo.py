@@ -16,7 +16,8 @@ from model.denoiser import use_adapter
 from model.losses import diffusion_dpo_loss
 from model.presets import ModelConfig, build_denoiser
 from model.samplers import default_tpo_plan, sample_segment_routed
-from model.storage import Storage
+from artifacts.card import ModelCard
+from core.storage import Storage
 from ray_jobs.train_tpo import ADAPTERS, TPOConfig, TPOObjective, TPOTask, adapter_params, add_tpo_adapters
 
 BOUNDARY = 0.875
@@ -105,6 +106,21 @@ def test_dpo_loss_math():
     assert bool((worse.loss > math.log(2.0)).all()) and torch.equal(worse.implicit_acc, torch.zeros(2))
 
 
+def test_rewards_by_import_path_resolve_anywhere_and_fail_at_start():
+    """A user reward named 'package.module:function' imports in any process; a wrong one fails config checks."""
+    from pydantic import ValidationError
+
+    from ray_jobs.preferences import PreferencesConfig
+    from ray_jobs.preferences.rewards import get_reward, gt_motion
+
+    cfg = PreferencesConfig(rewards={"motion": "ray_jobs.preferences.rewards:gt_motion", "fidelity": "gt_fidelity"})
+    assert get_reward(cfg.rewards["motion"]) is gt_motion
+    with pytest.raises(ValidationError, match="no attribute 'nope'"):
+        PreferencesConfig(rewards={"motion": "ray_jobs.preferences.rewards:nope", "fidelity": "gt_fidelity"})
+    with pytest.raises(ValidationError, match="cannot import module"):
+        PreferencesConfig(rewards={"motion": "not_a_package.rewards:score", "fidelity": "gt_fidelity"})
+
+
 def test_pair_picking_with_and_without_the_other_dimension_guard():
     from ray_jobs.preferences.job import pick_pair
 
@@ -174,7 +190,7 @@ def _lora_layer(model):
 def test_each_adapter_trains_only_on_its_segment(tpo_model, tmp_path):
     model = tpo_model.train()
     cfg = TPOConfig(model=ModelConfig(pretrained_path=str(tmp_path)), tpo=TPOObjective(sigma_boundary=BOUNDARY))
-    task = TPOTask(cfg)
+    task = TPOTask(cfg, ModelCard(kind="teacher"))
     groups = task.param_groups(model)
     assert [g["name"] for g in groups] == list(ADAPTERS)
     lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
@@ -260,23 +276,26 @@ def tiny_vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    """A tiny denoiser export folder (random init; the jobs only need the teacher's format)."""
+    """A tiny denoiser export folder (random init, 2 of the preset's 4 blocks: half the compute of every
+    DPO step; the jobs only need the teacher's format and read the depth from its saved config)."""
     folder = tmp_path_factory.mktemp("teacher") / "export"
     torch.manual_seed(0)
-    model = build_denoiser(ModelConfig())
+    model = build_denoiser(ModelConfig(overrides={"num_layers": 2}))
     _wake(model, scale=0.02)
     model.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
 
 
 def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, random_teacher, s3_bucket, s3_server):
-    from ray_jobs.preferences import PreferencesConfig, read_pairs, run
+    from artifacts.pairs import read_pairs
+    from ray_jobs.preferences import PreferencesConfig, run
 
     output = f"{s3_bucket}/prefs"
     cfg = PreferencesConfig.model_validate({
         "data": small_shards, "output": output, "max_clips": 2,
         "model": {"pretrained_path": random_teacher, "vae_path": tiny_vae_dir},
         "sampling": {"num_candidates": 3, "steps": 2, "guidance": 1.0},
+        "rewards": {"motion": "ray_jobs.preferences.rewards:gt_motion", "fidelity": "gt_fidelity"},  # resolved in the actor
         "storage": {"endpoint_url": s3_server.endpoint_url}, "actors": {"num_cpus": 0.5}})
     manifest = run(cfg)
     storage = Storage(cfg.storage)
@@ -298,7 +317,7 @@ def _synthetic_pairs(shards: str, out: str) -> int:
     frozen over time, fidelity loser = the true latents plus noise."""
     import ray.data
 
-    from ray_jobs.training.driver import read_shards
+    from artifacts.shards import read_shards
 
     cols = ["latents", "ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face"]
     rng = np.random.default_rng(0)
@@ -335,8 +354,10 @@ def test_two_worker_tpo_run_lifts_implicit_accuracy(small_shards, random_teacher
         assert ln.get("sigma_min_motion", 1.0) > BOUNDARY and ln.get("sigma_max_fidelity", 0.0) < BOUNDARY
     export = tmp_path / "runs" / "tpo" / "export"
     assert all((export / name / "pytorch_lora_weights.safetensors").is_file() for name in ADAPTERS)
-    from ray_jobs.train_tpo import load_tpo_adapters
+    from artifacts.exports import load_export
 
-    teacher = build_denoiser(ModelConfig(pretrained_path=random_teacher))
-    load_tpo_adapters(teacher, export)
+    loaded = load_export(str(export), Storage())  # the teacher + both experts, from the card alone
+    assert loaded.card.kind == "tpo" and loaded.card.base_model == random_teacher
+    assert loaded.sampler.tpo_boundary == BOUNDARY and loaded.sampler.nfe == 30  # the teacher card's guidance 1.5: CFG in both
+    teacher = loaded.model
     assert any(p.abs().max() > 0 for n, p in teacher.named_parameters() if "lora_B" in n)  # trained, not the zero init

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from model.config import load_config
-from model.storage import Storage, StorageConfig
+from core.config import load_config
+from core.storage import Storage, StorageConfig
 from ray_jobs.train_teacher import TeacherConfig, run
-from ray_jobs.training.driver import take_clip
+from artifacts.shards import take_clip
 from ray_jobs.training.engine import deepspeed_config
 from ray_jobs.training.config import DeepSpeedSection
 
@@ -45,6 +45,8 @@ def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_buck
     first = run(_config(tiny_data, steps=2, **{"run.storage_path": f"{s3_bucket}/runs", "run.name": "teacher-s3",
                                                "run.tensorboard": True}))
     assert first.metrics["step"] == 2
+    assert first.export == f"{run_uri}/export" and first.card.kind == "teacher"  # the job returns its artifact
+    assert first.card.frames.height == 64 and first.card.sampler.shift == 1.0
     assert _metric_steps(storage, run_uri) == [1, 2]
     assert storage.dir_complete(f"{run_uri}/export")
     assert storage.list(f"{run_uri}/validation", suffixes=".mp4")
@@ -66,10 +68,14 @@ def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_buck
     assert storage.exists(f"{run_uri}/_injected_failure")
     assert _metric_steps(storage, run_uri) == [1, 2, 3, 4, 5, 6]
 
-    # The exported EMA folder loads with the model core and runs.
+    # The exported EMA folder loads from its card alone (from S3) and samples as the card says.
+    from artifacts.exports import load_export
     from model.presets import ModelConfig, build_denoiser
 
-    model = build_denoiser(ModelConfig(preset="tiny", pretrained_path=f"{run_uri}/export"), storage)
+    loaded = load_export(f"{run_uri}/export", storage)
+    model = loaded.model
+    assert loaded.card.kind == "teacher" and not loaded.card.inferred
+    assert loaded.sampler.kind == "euler_cfg" and loaded.sampler.guidance == 1.5  # the YAML's validation.guidance
     fresh = build_denoiser(ModelConfig(preset="tiny"))
     trained = dict(model.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in fresh.named_parameters()), "export equals random init"
@@ -89,3 +95,19 @@ def test_validation_clip_comes_from_heldout(tiny_data):
     clip = take_clip(tiny_data, Storage(), split="heldout")
     assert clip["split"] == "heldout"
     assert clip["frames"].shape == (8, 64, 64, 3)
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"model.audio.n_mels": 16}, "audio features"),
+    ({"model.vae_path": "model/assets/tiny_teacher"}, "VAE"),
+])
+def test_shards_made_for_another_model_fail_at_start_naming_both(tiny_data, override, named):
+    """Shards whose VAE or audio geometry differ from the model's fail before any worker starts, naming both sides."""
+    with pytest.raises(ValueError, match=named) as caught:
+        run(_config(tiny_data, **override))
+    message = str(caught.value)
+    assert tiny_data in message or "tiny checked-in VAE" in message
+    if named == "VAE":
+        assert "tiny_teacher" in message and "tiny checked-in VAE" in message
+    else:
+        assert "'n_mels': 16" in message and "'n_mels': 32" in message

@@ -10,7 +10,9 @@ import torch
 
 from model.vae import TINY_VAE_PATH, VAEConfig, VideoVAE, load_vae
 from model.vae import past_time_taps_are_zero
-from ray_jobs.fit_vae import FitVAEConfig, face_crops, psnr, render_identity_frames
+from ray_jobs.fit_vae import FitVAEConfig, FACE_MARGIN, render_identity_frames
+from model.face import crop_faces
+from model.metrics import psnr
 from ray_jobs.fit_vae import _identities as fit_identities
 
 
@@ -42,7 +44,7 @@ def _heldout_clip(num_frames: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Frames (T, 64, 64, 3) and face crops (T, 32, 32, 3) of a held-out identity, rendered fresh."""
     heldout = fit_identities(FitVAEConfig())["heldout"][0]
     frames, boxes = render_identity_frames(heldout, num_frames, np.random.default_rng(1234), size=64)
-    return frames, face_crops(frames, boxes, 32)
+    return frames, crop_faces(frames, boxes, 32, FACE_MARGIN)
 
 
 def test_tiny_vae_loads_with_design_geometry(tiny: VideoVAE):
@@ -73,7 +75,7 @@ def test_heldout_identity_reconstructs_as_fitted(tiny: VideoVAE):
         pixels = torch.from_numpy(clip)[None]
         recon = tiny.decode(tiny.encode(pixels))
         reference = pixels.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        assert psnr(reference, recon) >= 24.0, clip.shape  # target 30 dB: benchmarks/vae.py
+        assert psnr((reference + 1) / 2, (recon + 1) / 2) >= 24.0, clip.shape  # target 30 dB: benchmarks/vae.py
     # latents are normalised with the measured statistics: roughly unit scale
     std = float(tiny.encode(torch.from_numpy(frames)[None]).std())
     assert 0.3 < std < 3.0

@@ -5,6 +5,6 @@
 """
 
 from ray_jobs.preferences.config import PreferencesConfig
-from ray_jobs.preferences.job import read_pairs, run
+from ray_jobs.preferences.job import run
 
-__all__ = ["PreferencesConfig", "run", "read_pairs"]
+__all__ = ["PreferencesConfig", "run"]

@@ -6,22 +6,21 @@ from typing import Any
 
 from pydantic import Field
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.presets import ModelConfig
-from model.storage import StorageConfig
+from core.storage import StorageConfig
 from ray_jobs.common import RayConfig
 
 __all__ = ["CandidateSampling", "ActorSection", "PreferencesConfig"]
 
 
 class CandidateSampling(StrictConfig):
-    """How the teacher draws the M candidates of one condition (Euler + CFG, `model.samplers.sample_euler_cfg`)."""
+    """How the teacher draws the M candidates of one condition: its model card's sampler (guidance, shift,
+    conditions CFG drops) with `steps` Euler steps; `guidance` overrides the card's when set."""
 
     num_candidates: int = Field(4, ge=2, description="M candidates per condition, seeds differ")
     steps: int = Field(4, ge=1, description="teacher Euler steps (tiny default: cheap; 50 = the 100-NFE teacher)")
-    guidance: float = Field(2.0, ge=1.0, description="CFG scale (1 = no unconditional branch)")
-    shift: float = Field(1.0, gt=0)
-    drop_for_uncond: list[str] = Field(default_factory=lambda: ["pose", "audio", "face"])
+    guidance: float | None = Field(None, ge=1.0, description="CFG scale; None = the teacher card's")
 
 
 class ActorSection(StrictConfig):
@@ -45,7 +44,7 @@ class PreferencesConfig(StrictConfig):
     sampling: CandidateSampling = Field(default_factory=CandidateSampling)
     rewards: dict[str, str] = Field(
         default_factory=lambda: {"motion": "gt_motion", "fidelity": "gt_fidelity"},
-        description="dimension -> reward name in ray_jobs.preferences.rewards.REWARDS",
+        description="dimension -> built-in reward name (ray_jobs.preferences.rewards) or 'package.module:function'",
     )
     min_margin: dict[str, float] = Field(
         default_factory=lambda: {"motion": 0.0, "fidelity": 0.0},
@@ -68,8 +67,12 @@ class PreferencesConfig(StrictConfig):
         if set(self.rewards) - set(DIMENSIONS) or set(self.min_margin) - set(self.rewards):
             raise ValueError(f"rewards keys must be among {DIMENSIONS} and min_margin keys among them; "
                              f"got rewards {sorted(self.rewards)}, min_margin {sorted(self.min_margin)}")
-        for dimension, name in self.rewards.items():
-            if reward_dimension(name) != dimension:
-                raise ValueError(f"reward {name!r} scores {reward_dimension(name)!r}, configured for {dimension!r}")
+        for dimension, name in self.rewards.items():  # imports user rewards now: a bad path fails at start
+            try:
+                scored = reward_dimension(name)
+            except (ImportError, KeyError, TypeError) as exc:
+                raise ValueError(f"rewards.{dimension}: {exc}") from None
+            if scored not in (None, dimension):
+                raise ValueError(f"reward {name!r} scores {scored!r}, configured for {dimension!r}")
         if self.actors.min_actors > self.actors.max_actors:
             raise ValueError("actors.min_actors > actors.max_actors")

@@ -20,22 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.storage import Storage
+from artifacts.pairs import CONDITION_COLUMNS, PAIR_COLUMNS, PAIRS_MANIFEST, TRUTH_COLUMNS
+from core.storage import Storage
 from ray_jobs.preferences.config import PreferencesConfig
 from ray_jobs.preferences.rewards import get_reward
 
-__all__ = ["CONDITION_COLUMNS", "TRUTH_COLUMNS", "PAIR_COLUMNS", "CandidateScorer", "build_dataset", "run",
-           "read_pairs", "candidate_seed", "pick_pair"]
+__all__ = ["CandidateScorer", "build_dataset", "run", "candidate_seed", "candidate_spec", "pick_pair"]
 
 log = logging.getLogger(__name__)
-
-# Shard columns a pair carries forward (what the TPO step conditions on).
-CONDITION_COLUMNS = ["ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face", "motion_mask"]
-# Columns the rewards may read (ground truth for the gt_* rewards; conditions for the others).
-TRUTH_COLUMNS = ["frames", "ref_frame", "face_boxes", "keypoints", "video_id", "clip_index", "identity_id"]
-PAIR_COLUMNS = CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id", "dimension", "margin",
-                                    "winner_latents", "loser_latents", "winner_reward", "loser_reward"]
-
 
 def candidate_seed(base_seed: int, video_id: str, clip_index: int, candidate: int) -> int:
     """Deterministic noise seed of candidate m of a clip (independent of batching and actor placement)."""
@@ -46,14 +38,15 @@ class CandidateScorer:
     """Ray Data callable class: the teacher and the VAE live here for the actor's lifetime."""
 
     def __init__(self, cfg_json: dict[str, Any]):
-        from model.presets import build_denoiser
-        from model.vae import load_vae
+        from artifacts.exports import read_export_card
+        from artifacts.models import load_denoiser, load_vae
 
         self.cfg = PreferencesConfig.model_validate(cfg_json)
         storage = Storage(self.cfg.storage)
         self.device = torch.device("cuda" if self.cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = build_denoiser(self.cfg.model, storage).to(self.device).eval()
+        self.model = load_denoiser(self.cfg.model, storage).to(self.device).eval()
         self.vae = load_vae(self.cfg.model.vae_path, storage, device=self.device)
+        self.spec = candidate_spec(self.cfg, read_export_card(self.cfg.model.pretrained_path, storage))
         self.rewards = {dim: get_reward(name) for dim, name in self.cfg.rewards.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -67,9 +60,8 @@ class CandidateScorer:
     def sample_candidates(self, clip: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         """M candidates of one clip: final latents (M, C, t, h, w) and decoded frames uint8 (M, T, H, W, 3)."""
         from model.conditions import Conditions
-        from model.flow import inference_sigmas
         from model.generate import latent_shape
-        from model.samplers import sample_euler_cfg
+        from model.sampling import sample
         from model.vae import video_to_uint8
 
         spec = self.cfg.sampling
@@ -80,8 +72,7 @@ class CandidateScorer:
             for m in range(spec.num_candidates)])
         one = {k: torch.as_tensor(np.asarray(clip[k]))[None] for k in CONDITION_COLUMNS if k != "motion_mask"}
         cond = Conditions.from_batch(one, self.device).repeat(spec.num_candidates)
-        result = sample_euler_cfg(self.model, noise.to(self.device), inference_sigmas(spec.steps, spec.shift), cond,
-                                  cond.drop(set(spec.drop_for_uncond)), spec.guidance)
+        result = sample(self.model, noise.to(self.device), cond, self.spec)
         return result.x.cpu(), video_to_uint8(self.vae.decode(result.x)).numpy()
 
     def _pairs_of(self, clip: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -102,6 +93,18 @@ class CandidateScorer:
                           "winner_reward": np.float32(scores[dimension][best]),
                           "loser_reward": np.float32(scores[dimension][worst])})
         return pairs
+
+
+def candidate_spec(cfg: PreferencesConfig, teacher: Any) -> Any:
+    """The teacher card's Euler/CFG sampler with ``cfg.sampling.steps`` (and its guidance when set)."""
+    spec = teacher.sampler
+    if spec.kind != "euler_cfg":
+        raise ValueError(f"preference candidates come from an Euler/CFG teacher; {cfg.model.pretrained_path} "
+                         f"samples with {spec.kind!r}")
+    spec = spec.with_steps(cfg.sampling.steps)
+    if cfg.sampling.guidance is not None:
+        spec = spec.model_copy(update={"guidance": cfg.sampling.guidance})
+    return spec
 
 
 def pick_pair(scores: dict[str, np.ndarray], dimension: str, min_margin: float,
@@ -145,7 +148,7 @@ def build_dataset(cfg: PreferencesConfig):
     """Shards -> teacher actor pool -> pair rows (a lazy Ray Dataset)."""
     import ray.data
 
-    from ray_jobs.training.driver import read_shards
+    from artifacts.shards import read_shards
 
     ds = read_shards(cfg.data, Storage(cfg.storage), split=cfg.split, columns=CONDITION_COLUMNS + TRUTH_COLUMNS)
     if cfg.max_clips is not None:
@@ -171,21 +174,6 @@ def run(cfg: PreferencesConfig) -> dict[str, Any]:
     counts = {row["dimension"]: int(row["count()"]) for row in ds.groupby("dimension").count().take_all()}
     manifest = {"shards": [f"data/{f.rstrip('/').split('/')[-1]}" for f in files], "num_pairs": sum(counts.values()),
                 "pairs_by_dimension": counts, "columns": PAIR_COLUMNS, "config": cfg.model_dump(mode="json")}
-    storage.write_json(storage.join(cfg.output, "manifest.json"), manifest)
+    storage.write_json(storage.join(cfg.output, PAIRS_MANIFEST), manifest)
     log.info("wrote %d pairs (%s) to %s", manifest["num_pairs"], counts, cfg.output)
     return manifest
-
-
-def read_pairs(uri: str, storage: Storage, columns: list[str] | None = None):
-    """The pairs as a Ray Dataset (Parquet through `Storage.arrow_path`), from ``{uri}/manifest.json``."""
-    import ray.data
-
-    manifest_uri = storage.join(uri, "manifest.json")
-    if not storage.exists(manifest_uri):
-        raise FileNotFoundError(f"no pairs manifest at {manifest_uri}: run `python -m ray_jobs.make_preferences` first")
-    shards = storage.read_json(manifest_uri)["shards"]
-    if not shards:
-        raise ValueError(f"{manifest_uri} lists no pair files (every margin below threshold?)")
-    fs, _ = storage.arrow_path(uri)
-    return ray.data.read_parquet([storage.arrow_path(storage.join(uri, s))[1] for s in shards], filesystem=fs,
-                                 columns=columns)

@@ -24,7 +24,9 @@ Without ground truth (real data; only the conditions: `ref_frame`, `pose`, `face
 * ``ref_face_consistency`` (fidelity): mean SSIM between each frame's face box and the reference
   frame's face box (resized to it), the identity-preservation proxy without a face-ID network.
 We write these small scorers ourselves (numpy/torch) because the usual ones (Sync-C, ArcFace,
-DOVER) need pretrained networks that cannot be downloaded here; register them under new names.
+DOVER) need pretrained networks that cannot be downloaded here. A user's reward is named in the
+config by import path (``"my_pkg.rewards:lip_sync"``, optionally with a ``dimension`` attribute that
+is then checked): it is imported in every actor, where a driver-side registration would not exist.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.metrics import motion_error, ssim
+from core.imports import import_object, is_import_path
+from model.metrics import luma, motion_error, ssim
 
 __all__ = ["RewardFn", "DIMENSIONS", "REWARDS", "register_reward", "get_reward", "reward_dimension"]
 
@@ -56,19 +59,24 @@ def register_reward(name: str, dimension: Dimension, fn: RewardFn) -> None:
 
 
 def get_reward(name: str) -> RewardFn:
+    """A built-in reward by name, or the user's by import path ``"package.module:function"`` (works in Ray
+    actors, where a reward registered on the driver does not exist)."""
+    if is_import_path(name):
+        fn = import_object(name)
+        if not callable(fn):
+            raise TypeError(f"reward {name!r} is not callable")
+        return fn
     if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
+        raise KeyError(f"unknown reward {name!r}; built in: {sorted(REWARDS)}; or give 'package.module:function'")
     return REWARDS[name][1]
 
 
-def reward_dimension(name: str) -> str:
-    get_reward(name)
+def reward_dimension(name: str) -> str | None:
+    """The reward's dimension: a built-in's, an imported function's ``dimension`` attribute, else None (unsaid)."""
+    fn = get_reward(name)
+    if is_import_path(name):
+        return getattr(fn, "dimension", None)
     return REWARDS[name][0]
-
-
-def _luma(video: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, H, W) float64 luma in [0, 1]."""
-    return (np.asarray(video, dtype=np.float64) / 255.0) @ np.array([0.299, 0.587, 0.114])
 
 
 def _pixel_mask(motion_mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -98,7 +106,7 @@ def static_psnr(generated: np.ndarray, clip: Mapping[str, np.ndarray]) -> float:
     """PSNR (dB) against the truth over pixels the motion mask marks static (weight 1 - mask)."""
     truth = np.asarray(clip["frames"])
     static = 1.0 - _pixel_mask(clip["motion_mask"], truth.shape[1], truth.shape[2])
-    err = (_luma(generated) - _luma(truth)) ** 2
+    err = (luma(generated) - luma(truth)) ** 2
     mse = float((err * static).sum() / max(static.sum(), 1.0))
     return float(10.0 * np.log10(1.0 / max(mse, 1e-10)))
 
@@ -116,7 +124,7 @@ def gt_fidelity(generated: np.ndarray, clip: Mapping[str, np.ndarray]) -> float:
 
 def _change_map(video: np.ndarray) -> np.ndarray:
     """(T, H, W, 3) -> (T-1, H/4, W/4) |Δluma| average-pooled 4x4 (where the video changes)."""
-    diff = torch.as_tensor(np.abs(np.diff(_luma(video), axis=0)), dtype=torch.float32)[:, None]
+    diff = torch.as_tensor(np.abs(np.diff(luma(video), axis=0)), dtype=torch.float32)[:, None]
     return F.avg_pool2d(diff, 4)[:, 0].numpy()
 
 
@@ -130,15 +138,15 @@ def pose_following(generated: np.ndarray, clip: Mapping[str, np.ndarray]) -> flo
 
 def motion_smoothness(generated: np.ndarray, clip: Mapping[str, np.ndarray]) -> float:
     """-mean|Δ²x| / (mean|Δx| + 1e-3) over luma: flicker and jitter lower it (no truth)."""
-    luma = _luma(generated)
-    first, second = np.abs(np.diff(luma, axis=0)), np.abs(np.diff(luma, n=2, axis=0))
+    y = luma(generated)
+    first, second = np.abs(np.diff(y, axis=0)), np.abs(np.diff(y, n=2, axis=0))
     return -float(second.mean() / (first.mean() + 1e-3))
 
 
 def _laplacian_var(video: np.ndarray) -> float:
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
-    luma = torch.as_tensor(_luma(video), dtype=torch.float32)[:, None]
-    return float(F.conv2d(luma, kernel).var())
+    y = torch.as_tensor(luma(video), dtype=torch.float32)[:, None]
+    return float(F.conv2d(y, kernel).var())
 
 
 def sharpness(generated: np.ndarray, clip: Mapping[str, np.ndarray]) -> float:

@@ -5,7 +5,7 @@
 One streaming Ray Data pipeline (see `job.build_dataset`): list inputs -> decode + clip (one
 ffmpeg run per video) -> audio features -> pose -> face crop track -> motion mask -> VAE latents
 (actor pool) -> Parquet shards. Bad inputs become error rows, never job failures. Layout and resume
-rules: `ray_jobs.preprocess.job`; shard schema: docs/design.md, tensor encoding: `ray_jobs.shards`.
+rules: `ray_jobs.preprocess.job`; shard schema: docs/design.md, tensor encoding: `artifacts.tables`.
 """
 
 from ray_jobs.preprocess.config import PreprocessConfig

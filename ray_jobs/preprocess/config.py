@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from model.audio import AudioFeatureConfig
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.face import FaceCropConfig
-from model.storage import StorageConfig
+from core.storage import StorageConfig
 from ray_jobs.common import RayConfig
 
 __all__ = ["PreprocessConfig", "VaeStageConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",

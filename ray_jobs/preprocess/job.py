@@ -23,8 +23,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
-from model.storage import Storage, StorageNotFoundError
-from ray_jobs import shards
+from core.storage import Storage, StorageNotFoundError
+from artifacts import tables as shards
 from ray_jobs.preprocess import udfs
 from ray_jobs.preprocess.config import VIDEO_EXTENSIONS, PreprocessConfig
 
@@ -112,7 +112,7 @@ def check_compatible(cfg: PreprocessConfig, manifest: dict) -> None:
 
 
 def check_encoding(cfg: PreprocessConfig, manifest: dict) -> None:
-    """Refuse to add shards to an output whose shards use another tensor encoding (`ray_jobs.shards`)."""
+    """Refuse to add shards to an output whose shards use another tensor encoding (`artifacts.tables`)."""
     found = manifest.get("shard_encoding", "ray-tensor-extension")  # what runs before the field wrote
     if manifest["runs"] and found != shards.ENCODING:
         raise ValueError(f"{cfg.output} holds shards encoded as {found!r}; this version writes {shards.ENCODING!r} "

@@ -107,7 +107,7 @@ def _local_model(model_path: str, storage) -> str:
 @lru_cache(maxsize=2)
 def load_extractor(model_path: str, input_size: tuple[int, int], storage_json: str) -> PoseExtractor:
     """One extractor per worker process and model (cached: sessions are expensive to build)."""
-    from model.storage import Storage, StorageConfig
+    from core.storage import Storage, StorageConfig
 
     storage = Storage(StorageConfig.model_validate_json(storage_json))
     return OnnxPoseExtractor(model_path, input_size, storage)

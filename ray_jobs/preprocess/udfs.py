@@ -20,11 +20,11 @@ import numpy as np
 
 from model.audio import audio_features
 from model.face import reference_face
-from model.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
+from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
                          iter_video_chunks, probe)
 from model.pose import render_pose
-from model.storage import Storage, StorageError
-from ray_jobs import shards
+from core.storage import Storage, StorageError, sha256_file
+from artifacts import tables as shards
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
@@ -160,14 +160,6 @@ def _rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return columns
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_sidecar(storage: Storage, uri: str) -> dict:
     """The sidecar JSON object ({} when the video has none); unreadable -> StageError('sidecar')."""
     if not uri:
@@ -185,7 +177,7 @@ def _decode_clip_windows(item: dict, cfg: PreprocessConfig, storage: Storage) ->
     """(clip rows, streamed) of one input, whole or window by window; StageError (with .sha256) on failure."""
     sidecar = _read_sidecar(storage, item["sidecar"])
     with storage.local_copy(item["source"]) as path:
-        sha256 = _sha256(path)
+        sha256 = sha256_file(path)
         try:
             info = _probe(path)
             frame_bytes, window_bytes = cfg.width * cfg.height * 3, cfg.decode_window_mb * (1 << 20)
@@ -471,16 +463,11 @@ class VaeEncoder:
     def __init__(self, cfg: PreprocessConfig):
         import torch
 
-        from model.vae import load_vae
+        from artifacts.models import load_vae
 
         self.cfg = cfg
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = cfg.vae.path
-        if path is not None and Storage.is_s3(path):
-            with Storage(cfg.storage).local_copy(path, require_manifest=False) as local:
-                self.vae = load_vae(str(local), device=device)
-        else:
-            self.vae = load_vae(path, device=device)
+        self.vae = load_vae(cfg.vae.path, Storage(cfg.storage), device=device)
         if self.vae.spatial_factor != cfg.latent_spatial_factor:
             raise ValueError(f"VAE spatial factor {self.vae.spatial_factor} != latent_spatial_factor "
                              f"{cfg.latent_spatial_factor}: motion masks would not match the latents")
@@ -516,7 +503,7 @@ def write_shard(batch: dict[str, np.ndarray], cfg: PreprocessConfig, shard_dir: 
     A shard's name hashes its (source, clip_index) list, so a retried task overwrites the same file
     instead of adding a duplicate. We write the Parquet ourselves instead of `Dataset.write_parquet`
     because the same pass must also split off the error rows and report which clips landed where,
-    and because tensor columns go to Parquet as raw bytes (`ray_jobs.shards`: 15x faster to encode).
+    and because tensor columns go to Parquet as raw bytes (`artifacts.tables`: 15x faster to encode).
     """
     began = time.perf_counter()
     good = np.flatnonzero(batch["error_stage"].astype(object) == "")

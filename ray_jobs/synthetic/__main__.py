@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from model.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from ray_jobs.common import setup_logging
 from ray_jobs.synthetic.world import SyntheticConfig, run
 

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from model.config import StrictConfig
-from model.media import mux_mp4
-from model.storage import Storage, StorageConfig
+from core.config import StrictConfig
+from core.media import mux_mp4
+from core.storage import Storage, StorageConfig
 from ray_jobs.common import RayConfig
 from ray_jobs.synthetic.audio import frame_rms, speech_audio
 from ray_jobs.synthetic.motion import dance_keypoints

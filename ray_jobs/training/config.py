@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 from model.presets import ModelConfig
-from model.storage import StorageConfig
+from core.storage import StorageConfig
 from ray_jobs.common import RayConfig, WorkerScaling
 
 __all__ = ["DeepSpeedSection", "OptimSection", "CheckpointSection", "RunSection", "TrainJobConfig"]

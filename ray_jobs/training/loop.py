@@ -22,12 +22,13 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 
-from model.storage import Storage
+from core.storage import Storage
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.ema import EMA
 from ray_jobs.training.engine import deepspeed_config, initialize_engine, resolve_precision
@@ -60,8 +61,28 @@ class TrainTask(Protocol):
 
     def validate(self, model: torch.nn.Module, step: int, out_dir: Path) -> dict[str, float]: ...
 
-    # Optional: `state_dict()` / `load_state_dict(state)` for task state that must survive a resume
-    # (saved per rank as task_rank{r}.pt in the checkpoint), e.g. distillation's EMA target network.
+
+@runtime_checkable
+class StatefulTask(Protocol):
+    """Optional part of a `TrainTask`: state that must survive a resume (saved per rank as
+    task_rank{r}.pt in the checkpoint), e.g. distillation's EMA target network."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Worker:
+    """One Ray Train worker's view of the run: what every loop step needs, typed."""
+
+    cfg: TrainJobConfig
+    task: TrainTask
+    engine: Any  # deepspeed.DeepSpeedEngine
+    ema: EMA | None
+    rank: int
+    world: int
+    storage: Storage
 
 
 def run_dir(cfg: TrainJobConfig) -> str:
@@ -132,10 +153,11 @@ def _checkpoint_folder(checkpoint: Any, rank: int) -> Iterator[str]:
         yield checkpoint.to_directory(folder)
 
 
-def _resume(engine: Any, ema: EMA | None, rank: int, task: Any = None) -> tuple[int, list[str]]:
-    """Load the latest Ray Train checkpoint into the engine and EMA; return (step, metrics lines)."""
+def _resume(worker: Worker) -> tuple[int, list[str]]:
+    """Load the latest Ray Train checkpoint into the engine, EMA and task; return (step, metrics lines)."""
     import ray.train
 
+    engine, ema, rank, task = worker.engine, worker.ema, worker.rank, worker.task
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
@@ -144,7 +166,7 @@ def _resume(engine: Any, ema: EMA | None, rank: int, task: Any = None) -> tuple[
         if ema is not None:
             ema.load(folder, rank)
         task_state = Path(folder) / f"task_rank{rank}.pt"
-        if task_state.exists() and hasattr(task, "load_state_dict"):
+        if task_state.exists() and isinstance(task, StatefulTask):
             task.load_state_dict(torch.load(task_state, map_location="cpu", weights_only=True))
         state = json.loads((Path(folder) / "train_state.json").read_text())
         lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
@@ -162,18 +184,19 @@ def _maybe_inject_failure(cfg: TrainJobConfig, storage: Storage, step: int, rank
     raise InjectedFailure(f"injected failure at step {step} on rank {rank}")
 
 
-def _save_checkpoint(ctx: dict, step: int, metrics: dict, lines: list[str]) -> None:
+def _save_checkpoint(worker: Worker, step: int, metrics: dict, lines: list[str]) -> None:
     """Every rank writes its DeepSpeed/EMA files; rank 0 adds state, metrics and the export."""
     import ray.train
     from ray.train import Checkpoint
 
-    engine, ema, task, rank, storage, cfg = (ctx[k] for k in ("engine", "ema", "task", "rank", "storage", "cfg"))
+    engine, ema, task, rank, storage, cfg = (worker.engine, worker.ema, worker.task, worker.rank, worker.storage,
+                                             worker.cfg)
     weights = _export_weights(engine, ema, cfg.deepspeed.zero_stage)  # collective under ZeRO-3
     with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
         engine.save_checkpoint(folder, tag="ds")
         if ema is not None:
             ema.save(folder, rank)
-        if hasattr(task, "state_dict"):  # optional task state, e.g. distillation's target network
+        if isinstance(task, StatefulTask):  # optional task state, e.g. distillation's target network
             torch.save(task.state_dict(), Path(folder) / f"task_rank{rank}.pt")
         if rank == 0:
             Path(folder, "train_state.json").write_text(json.dumps({"step": step, "job": type(task).__name__}))
@@ -201,7 +224,7 @@ def _unwrapped(engine: Any) -> torch.nn.Module:
     return engine.module
 
 
-def _setup(cfg: TrainJobConfig, task: TrainTask) -> dict:
+def _setup(cfg: TrainJobConfig, task: TrainTask) -> Worker:
     import ray.train
 
     context = ray.train.get_context()
@@ -214,17 +237,16 @@ def _setup(cfg: TrainJobConfig, task: TrainTask) -> dict:
     task.on_engine_ready(engine, engine.device, dtype)
     ema = (EMA(engine.module, task.ema_decay, cfg.deepspeed.zero_stage, warmup=getattr(task, "ema_warmup", True))
            if task.ema_decay is not None else None)
-    return {"engine": engine, "ema": ema, "task": task, "rank": rank, "world": world,
-            "storage": Storage(cfg.storage), "cfg": cfg}
+    return Worker(cfg=cfg, task=task, engine=engine, ema=ema, rank=rank, world=world, storage=Storage(cfg.storage))
 
 
 def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | None = None) -> None:
     """Body of `train_loop_per_worker` for every training job (see module docstring)."""
     import ray.train
 
-    ctx = _setup(cfg, task)
-    engine, ema, rank, world, storage = (ctx[k] for k in ("engine", "ema", "rank", "world", "storage"))
-    start_step, lines = _resume(engine, ema, rank, ctx["task"])
+    worker = _setup(cfg, task)
+    engine, ema, rank, world, storage = worker.engine, worker.ema, worker.rank, worker.world, worker.storage
+    start_step, lines = _resume(worker)
     generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step)
     batches = _batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb,
                        torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step + 1))
@@ -243,7 +265,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
                    "peak_rss_mb": _peak_rss_mb(), **step_metrics}
         checkpointing = step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps
         if checkpointing:
-            _maybe_validate(ctx, step, metrics)  # first, so val_* land in metrics.jsonl too
+            _maybe_validate(worker, step, metrics)  # first, so val_* land in metrics.jsonl too
         lines.append(json.dumps(metrics))
         if board is not None:
             board.log(metrics, publish=checkpointing)
@@ -252,7 +274,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         if rank == 0 and (checkpointing or step % cfg.run.report_every_n_steps == 0):
             storage.write_text(metrics_uri, "".join(ln + "\n" for ln in lines))
         if checkpointing:
-            _save_checkpoint(ctx, step, metrics, lines)
+            _save_checkpoint(worker, step, metrics, lines)
         elif step % cfg.run.report_every_n_steps == 0:
             ray.train.report(metrics)
 
@@ -281,9 +303,10 @@ def _grad_norm(engine: Any) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def _maybe_validate(ctx: dict, step: int, metrics: dict) -> None:
+def _maybe_validate(worker: Worker, step: int, metrics: dict) -> None:
     """Rank 0 writes a validation sample (with the EMA weights when kept) at checkpoint steps."""
-    cfg, task, rank, ema, engine, storage = (ctx[k] for k in ("cfg", "task", "rank", "ema", "engine", "storage"))
+    cfg, task, rank, ema, engine, storage = (worker.cfg, worker.task, worker.rank, worker.ema, worker.engine,
+                                             worker.storage)
     every = cfg.checkpoint.validate_every_n_steps
     if not ((every and step % every == 0) or step == cfg.steps):
         return

@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator
 
-from model.config import StrictConfig
+from core.config import StrictConfig
 
 __all__ = ["StorageConfig", "Storage", "StorageError", "StorageNotFoundError", "MANIFEST_NAME"]
 
@@ -91,7 +91,8 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file, read in chunks (the one file-hash helper)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
@@ -112,7 +113,7 @@ def _local_files(root: Path) -> list[str]:
 
 def build_manifest(root: Path) -> dict[str, Any]:
     """The completeness marker of a local folder: every file's relative path, size and sha256."""
-    entries = [{"path": rel, "size": (root / rel).stat().st_size, "sha256": _sha256_file(root / rel)}
+    entries = [{"path": rel, "size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)}
                for rel in _local_files(root)]
     return {"version": 1, "files": entries}
 
@@ -564,7 +565,7 @@ class Storage:
     @staticmethod
     def _verify_hashes(uri: str, root: Path, manifest: dict[str, Any]) -> None:
         for entry in manifest["files"]:
-            if _sha256_file(root / entry["path"]) != entry["sha256"]:
+            if sha256_file(root / entry["path"]) != entry["sha256"]:
                 raise StorageError(f"download_dir {uri} failed: {entry['path']} does not match its sha256")
 
     @contextlib.contextmanager

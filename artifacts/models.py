@@ -1,0 +1,67 @@
+"""Loading model folders from anywhere: remote (``s3://``) ones are copied down with the caller's storage.
+
+`model/` reads local folders only (`model.presets.build_denoiser`, `model.vae.load_vae`,
+`model.perception.load_perception`); these wrappers take the job's or server's `Storage` (its
+endpoint, credentials, region), so a configured ``storage.endpoint_url`` is never silently dropped.
+The copy is a temporary folder that is gone when the load returns: every loader reads its weights
+into memory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from core.storage import Storage
+from model.denoiser import AnimationDenoiser
+from model.perception import PuppetPerception
+from model.presets import ModelConfig, build_denoiser
+from model.vae import VAEConfig, VideoVAE
+
+__all__ = ["local_folder", "load_denoiser", "load_vae", "load_perception"]
+
+
+@contextmanager
+def local_folder(path: str, storage: Storage, require_manifest: bool = False) -> Iterator[Path]:
+    """``path`` itself when local; a temporary copy of a remote folder (removed on exit) otherwise.
+
+    ``require_manifest=False`` by default: a folder uploaded with a plain ``aws s3 sync`` (no
+    ``_MANIFEST.json``) is a valid model folder too.
+    """
+    if not storage.is_s3(path):
+        yield Path(path)
+        return
+    with storage.local_copy(path, require_manifest=require_manifest) as local:
+        yield Path(local)
+
+
+def load_denoiser(cfg: ModelConfig, storage: Storage) -> AnimationDenoiser:
+    """`build_denoiser(cfg)` with ``cfg.pretrained_path`` local or remote."""
+    if cfg.pretrained_path is None:
+        return build_denoiser(cfg)
+    with local_folder(cfg.pretrained_path, storage) as folder:
+        return build_denoiser(cfg.model_copy(update={"pretrained_path": str(folder)}))
+
+
+def load_vae(path: str | None, storage: Storage, device: str | torch.device | None = None,
+             config: VAEConfig | None = None) -> VideoVAE:
+    """`model.vae.load_vae` for a local or remote folder (None = the tiny checked-in VAE)."""
+    from model.vae import load_vae as load_local
+
+    if path is None:
+        return load_local(None, device=device, config=config)
+    with local_folder(path, storage) as folder:
+        return load_local(str(folder), device=device, config=config)
+
+
+def load_perception(path: str | None, storage: Storage, device: str | torch.device = "cpu") -> PuppetPerception:
+    """`model.perception.load_perception` for a local or remote folder (None = the checked-in fit)."""
+    from model.perception import load_perception as load_local
+
+    if path is None:
+        return load_local(None, device)
+    with local_folder(path, storage) as folder:
+        return load_local(str(folder), device)
