@@ -129,7 +129,8 @@ def check_data_matches_model(data: DataCard, model: ModelConfig, who: str) -> No
         problems.append(f"VAE: shards {data.uri} were encoded with {data.vae_path or 'the tiny checked-in VAE'}, "
                         f"the model uses {model.vae_path or 'the tiny checked-in VAE'}")
     if data.audio != model.audio:
-        problems.append(f"audio features: shards {data.audio.model_dump()} vs model {model.audio.model_dump()}")
+        problems.append(f"audio features: shards {data.uri} were made with {data.audio.model_dump()}, "
+                        f"the model uses {model.audio.model_dump()}")
     if problems:
         raise ValueError(f"{who}: data and model disagree; " + "; ".join(problems))
 

@@ -15,6 +15,8 @@ below σ_b), and adapters swapped between segments. Reported whatever it shows; 
 
     python benchmarks/tpo.py [--vae-path PATH] [--teacher-steps 120 --tpo-steps 200 --videos 12]
 
+TPO sweep on the same shards, teacher and pairs (link synthetic/, shards/, runs/teacher and pairs/ into a
+second work folder first): `--work outputs/bench_tpo_lr3e-5 --tpo-lr 3e-5 --results-name tpo_lr3e-5`.
 Pair-guard ablation on the same shards and teacher (link them into a second work folder first):
     python benchmarks/tpo.py --work outputs/bench_tpo_noguard --other-dimension-tolerance none \
         --results-name tpo_pairs_unguarded --teacher-steps 1000 --tpo-steps 150
@@ -65,7 +67,9 @@ def _prepare(work: Path, args) -> dict:
     _stage(seconds, "tpo_training", work / "runs" / "tpo" / "export" / "motion", lambda: train_tpo(
         load_config(TPOConfig, "ray_jobs/configs/tiny/train_tpo.yaml",
                     {**common, "data": str(work / "pairs"), "model.pretrained_path": teacher,
-                     "steps": args.tpo_steps, "checkpoint.every_n_steps": min(50, args.tpo_steps)})))
+                     "steps": args.tpo_steps, "checkpoint.every_n_steps": min(50, args.tpo_steps),
+                     **({"optim.lr": args.tpo_lr} if args.tpo_lr is not None else {}),
+                     **({"tpo.beta": args.tpo_beta} if args.tpo_beta is not None else {})})))
     return {"teacher": teacher, "tpo": str(work / "runs" / "tpo" / "export"), "seconds": seconds}
 
 
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--teacher-steps", type=int, default=120, help="fine-tuning steps from the pretrained teacher")
     parser.add_argument("--tpo-steps", type=int, default=200)
+    parser.add_argument("--tpo-lr", type=float, default=None, help="TPO learning rate (None: train_tpo.yaml's)")
+    parser.add_argument("--tpo-beta", type=float, default=None, help="DPO beta (None: train_tpo.yaml's)")
     parser.add_argument("--pair-steps", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--eval-clips", type=int, default=8)

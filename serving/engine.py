@@ -113,6 +113,9 @@ class AnimationEngine:
         self.audio = self.served.card.model.audio
         self.height, self.width = self.served.height, self.served.width
         self.vae = load_vae(self.served.card.model.vae_path, self.storage, self.device)
+        if self.vae.temporal_factor != self.served.temporal_factor:  # the ingress counts frames with the card's
+            raise ValueError(f"the VAE's temporal factor {self.vae.temporal_factor} != preset "
+                             f"{self.served.card.model.preset!r}'s {self.served.temporal_factor}")
         spatial = self.vae.spatial_factor
         if spatial * 2 > min(self.height, self.width) or self.height % spatial or self.width % spatial:
             raise ValueError(f"height/width {self.height}x{self.width} do not fit the VAE's spatial factor {spatial}")

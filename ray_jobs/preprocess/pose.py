@@ -16,7 +16,6 @@ frame pixels; the heatmap decoding and the missing-dependency error are tested o
 from __future__ import annotations
 
 import abc
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,8 +64,8 @@ class OnnxPoseExtractor(PoseExtractor):
             raise ImportError("OnnxPoseExtractor needs onnxruntime: pip install 'human-animation-platform[pose]' "
                               "(or set pose.extractor='none' and ship sidecar keypoints)") from exc
         self.input_size = tuple(input_size)
-        local = _local_model(model_path, storage)
-        self.session = onnxruntime.InferenceSession(local, providers=onnxruntime.get_available_providers())
+        source = _model_source(model_path, storage)
+        self.session = onnxruntime.InferenceSession(source, providers=onnxruntime.get_available_providers())
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
@@ -91,17 +90,16 @@ class OnnxPoseExtractor(PoseExtractor):
         return ((boxed.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1)
 
 
-def _local_model(model_path: str, storage) -> str:
-    """A local file for `model_path`; s3:// models are downloaded once into a temp folder."""
+def _model_source(model_path: str, storage) -> str | bytes:
+    """A local path for `model_path`, or a remote model's bytes (onnxruntime builds a session from the
+    serialized model, so no temporary copy is left behind)."""
     if "://" not in model_path:
         if not Path(model_path).is_file():
             raise FileNotFoundError(f"pose model {model_path} does not exist")
         return model_path
     if storage is None:
         raise ValueError(f"pose model {model_path} is remote: pass the job's Storage")
-    target = Path(tempfile.mkdtemp(prefix="pose_model_")) / Path(model_path).name
-    target.write_bytes(storage.read_bytes(model_path))
-    return str(target)
+    return storage.read_bytes(model_path)
 
 
 @lru_cache(maxsize=2)
