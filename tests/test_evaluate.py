@@ -78,3 +78,17 @@ def test_summaries_keep_infinite_and_nan_apart():
     table = summarize(rows)
     assert table[0]["psnr"] == math.inf and table[0]["mouth_sync"] == 0.5 and table[0]["clips"] == 2
     assert finite_or_none(table) == [{"variant": "a", "clips": 2, "psnr": None, "mouth_sync": 0.5}]
+
+
+def test_extra_metrics_are_named_by_import_path_and_checked_at_start():
+    from pydantic import ValidationError
+
+    from model.metrics import psnr
+    from ray_jobs.evaluate import EvaluateConfig, extra_metric
+
+    cfg = EvaluateConfig(metrics=["model.metrics:psnr"])
+    assert extra_metric(cfg.metrics[0]) is psnr
+    with pytest.raises(ValidationError, match="no attribute 'lpips'"):
+        EvaluateConfig(metrics=["model.metrics:lpips"])
+    with pytest.raises(ValidationError, match="package.module:attribute"):
+        EvaluateConfig(metrics=["lpips"])

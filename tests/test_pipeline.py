@@ -8,14 +8,17 @@ from core.config import load_config
 from core.media import probe
 from ray_jobs.pipeline import STAGES, PipelineConfig, run
 
+# One Ray Train worker per training stage: this test checks the wiring between stages; two-worker
+# DeepSpeed runs of each job are tested in their own files (test_train_teacher, test_tpo, test_distill).
+ONE_WORKER = {"scaling.num_workers": 1}
 REDUCED = {
     "synthetic": {"num_videos": 4, "duration": 1.0, "num_identities": 3, "heldout_identities": 1},
-    "teacher": {"steps": 3, "batch_size": 1, "checkpoint.every_n_steps": 3, "validation.steps": 1},
+    "teacher": {"steps": 3, "batch_size": 1, "checkpoint.every_n_steps": 3, "validation.steps": 1, **ONE_WORKER},
     # Unguarded pairs (best vs worst on each dimension): with 2 candidates and the guard, a strong teacher
     # often leaves no pair at all, and TPO has nothing to train on.
     "preferences": {"max_clips": 2, "sampling.num_candidates": 2, "sampling.steps": 1, "other_dimension_tolerance": None},
-    "tpo": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
-    "distill": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2},
+    "tpo": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2, **ONE_WORKER},
+    "distill": {"steps": 2, "batch_size": 1, "checkpoint.every_n_steps": 2, **ONE_WORKER},
     "evaluation": {"num_clips": 1, "teacher_steps": 2, "student_steps": [2, 1]},
 }
 
