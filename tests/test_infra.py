@@ -212,8 +212,9 @@ def test_rayservice_serve_config_passes_serve_schema():
     from serving.config import ServeAppConfig
 
     args = ServeAppConfig.model_validate(app.args)  # what build_app does with them on the cluster
-    assert args.model.preset in ("wan-1.3b", "wan-animate-14b")
-    assert args.model.pretrained_path.startswith("s3://")
+    # The served model is an export folder on S3: its model card names preset, VAE and sampler.
+    assert args.export.startswith("s3://") and args.export.endswith("/student/export")
+    assert args.model.pretrained_path is None and (args.height, args.width) == (480, 832)
     with pytest.raises(Exception):  # the schema is strict enough to catch a broken config
         ServeDeploySchema.model_validate({**serve_config, "applications": [{"name": "x"}]})
 
