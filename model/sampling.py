@@ -95,6 +95,15 @@ class SamplerSpec(StrictConfig):
         return segment_edges(self.steps or _DEFAULT_STEPS["consistency"], self.shift)
 
     @property
+    def steps_in_effect(self) -> int:
+        """Sampler steps one sample runs: the TPO plan's total, the student's segments, or the Euler steps."""
+        if self.kind == "tpo":
+            return sum(seg.steps for seg in self.segments())
+        if self.kind == "consistency":
+            return len(self.consistency_edges()) - 1
+        return self.steps or _DEFAULT_STEPS["euler_cfg"]
+
+    @property
     def nfe(self) -> int:
         """Model evaluations one sample costs."""
         if self.kind == "tpo":
@@ -109,8 +118,8 @@ class SamplerSpec(StrictConfig):
         if steps is None:
             return self
         if self.kind == "tpo":
-            if steps != sum(seg.steps for seg in self.segments()):
-                raise ValueError(f"a TPO model samples its plan's {sum(s.steps for s in self.segments())} steps, not {steps}")
+            if steps != self.steps_in_effect:
+                raise ValueError(f"a TPO model samples its plan's {self.steps_in_effect} steps, not {steps}")
             return self
         if self.kind == "consistency" and self.edges is not None:
             if steps != len(self.edges) - 1:

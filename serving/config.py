@@ -167,16 +167,7 @@ def resolve_served(cfg: ServeAppConfig, storage: Storage) -> ServedModel:
         if spec.kind != "euler_cfg":
             raise ValueError(f"guidance is a teacher (euler_cfg) setting; this {card.kind} samples with {spec.kind!r}")
         spec = spec.model_copy(update={"guidance": cfg.guidance})
-    steps = cfg.default_steps if cfg.default_steps is not None else _card_steps(spec)
+    steps = cfg.default_steps if cfg.default_steps is not None else spec.steps_in_effect
     spec.with_steps(steps)  # a student's edges / a TPO plan fix the count: fail at deploy, not per request
     return ServedModel(card=card, spec=spec, height=cfg.height or card.frames.height,
                        width=cfg.width or card.frames.width, default_steps=steps)
-
-
-def _card_steps(spec: SamplerSpec) -> int:
-    """The step count a spec runs when nobody overrides it."""
-    if spec.kind == "tpo":
-        return sum(seg.steps for seg in spec.segments())
-    if spec.kind == "consistency":
-        return len(spec.consistency_edges()) - 1
-    return spec.steps or 50
