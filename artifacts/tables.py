@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["TENSOR_DTYPE", "TENSOR_SHAPE", "ENCODING", "table_from_columns", "tensor_column_schema", "table_to_numpy",
-           "read_dataset"]
+__all__ = ["TENSOR_DTYPE", "TENSOR_SHAPE", "ENCODING", "table_from_columns", "parquet_bytes", "tensor_column_schema",
+           "table_to_numpy", "read_dataset"]
 
 TENSOR_DTYPE, TENSOR_SHAPE = b"tensor_dtype", b"tensor_shape"
 # Recorded in the preprocessing manifest; one output never mixes encodings (read_parquet needs one schema).
@@ -52,6 +52,21 @@ def table_from_columns(columns: dict[str, np.ndarray]):
         fields.append(field)
         arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def parquet_bytes(columns: dict[str, np.ndarray], compression: str = "lz4") -> bytes:
+    """Numpy columns -> one Parquet file's bytes (tensor columns as raw bytes; see the module docstring)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = table_from_columns(columns)
+    sink = pa.BufferOutputStream()
+    strings = [f.name for f in table.schema if pa.types.is_string(f.type)]  # dictionary-encode names, not pixels
+    # Min/max statistics for the scalar columns only: a tensor's raw-byte min/max filters nothing, and
+    # computing it copies whole values (one 81x480x832 clip: a 700 ms shard write, 120 ms without).
+    scalars = [f.name for f in table.schema if not pa.types.is_fixed_size_binary(f.type)]
+    pq.write_table(table, sink, compression=compression, use_dictionary=strings, write_statistics=scalars)
+    return sink.getvalue().to_pybytes()
 
 
 def tensor_column_schema(schema, columns: Sequence[str] | None = None) -> dict[str, tuple[np.dtype, tuple]]:

@@ -57,11 +57,13 @@ projections) are listed as unused.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -70,6 +72,8 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan_animate import WanAnimateFaceBlockCrossAttention
 
 from model.conditions import Conditions
+from model.sequence_parallel import (SequenceParallel, UlyssesWanAttnProcessor, gather_frames, padded_frames,
+                                     split_frames)
 
 __all__ = ["AnimationDenoiser", "PoseEncoder", "LoadReport", "load_transformer_weights", "group_frames",
            "lora_config", "use_adapter", "LORA_TARGETS"]
@@ -128,7 +132,7 @@ def _zero_out(attn: WanAnimateFaceBlockCrossAttention) -> WanAnimateFaceBlockCro
 class AnimationDenoiser(WanTransformer3DModel):
     """Wan transformer + reference/pose/audio/face conditions, learned nulls and an optional aux head."""
 
-    _cp_plan = None  # our forward differs from Wan's; context parallelism is not wired
+    _cp_plan = None  # our forward differs from Wan's: sequence parallelism is `enable_sequence_parallel`
     _no_split_modules = ["WanTransformerBlock", "WanAnimateFaceBlockCrossAttention"]
 
     @register_to_config
@@ -194,6 +198,35 @@ class AnimationDenoiser(WanTransformer3DModel):
         if aux_head:
             self.aux_norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
             self.aux_proj = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self._sequence_parallel: SequenceParallel | None = None
+
+    def enable_sequence_parallel(self, group: Any | None) -> None:
+        """Split every forward's tokens by latent frames across the ranks of ``group`` (Ulysses, see
+        `model.sequence_parallel`); every rank passes the same inputs and gets the whole output.
+        ``None`` turns it off. The heads must divide by the group size (checked here)."""
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        sp = None if group is None else SequenceParallel.of(group)
+        if sp is not None:
+            sp.check_heads(self.config.num_attention_heads)
+        for block in self.blocks:
+            block.attn1.set_processor(WanAttnProcessor() if sp is None else UlyssesWanAttnProcessor(sp))
+        self._sequence_parallel = sp
+
+    @property
+    def sequence_parallel_group(self) -> Any | None:
+        """The process group tokens are split across (None = off)."""
+        return None if self._sequence_parallel is None else self._sequence_parallel.group
+
+    @contextlib.contextmanager
+    def sequence_parallel_off(self) -> Iterator[None]:
+        """Plain forwards inside (e.g. one rank sampling a validation clip alone); the group restored after."""
+        group = self.sequence_parallel_group
+        self.enable_sequence_parallel(None)
+        try:
+            yield
+        finally:
+            self.enable_sequence_parallel(group)
 
     def _frame_attention(self) -> WanAnimateFaceBlockCrossAttention:
         cfg = self.config
@@ -320,27 +353,54 @@ class AnimationDenoiser(WanTransformer3DModel):
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
         hidden, grid = self._embed(x, cond)
         frames_total = grid[0] + int(cfg.ref_as_frame)
-        rope = self.rope(x[:, :, :1].expand(-1, -1, frames_total * patch[0], -1, -1))
+        sp = self._sequence_parallel
+        rope_frames = frames_total if sp is None else padded_frames(frames_total, sp.size)  # global positions
+        rope = self.rope(x[:, :, :1].expand(-1, -1, rope_frames * patch[0], -1, -1))
         context = self.context_tokens.to(x.dtype).expand(batch, -1, -1)
         temb, temb_proj, context, _ = self.condition_embedder(sigma * 1000.0, context)
         temb_proj = temb_proj.unflatten(1, (6, -1))
         audio = self._frame_tokens_with_ref(self._audio_tokens(cond, batch, grid[0], x), self.null_audio)
         face = self._face_tokens(cond, batch, grid[0], x)
         face = None if face is None else self._frame_tokens_with_ref(face, self.null_face)
+        if sp is not None:
+            hidden, rope, audio, face = self._local_frames(sp, hidden, rope, audio, face, frames_total, grid)
         for index in range(len(self.blocks)):
             stage = functools.partial(self._stage, index)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden = self._gradient_checkpointing_func(stage, hidden, context, temb_proj, rope, audio, face)
             else:
                 hidden = stage(hidden, context, temb_proj, rope, audio, face)
-        if cfg.ref_as_frame:
-            hidden = hidden[:, grid[1] * grid[2]:]
+        return self._output(hidden, temb, grid, frames_total, return_aux)
+
+    def _local_frames(self, sp: SequenceParallel, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      audio: torch.Tensor, face: torch.Tensor | None, frames_total: int, grid: tuple[int, int, int]):
+        """This rank's block of whole latent frames of the tokens (B, S, D), RoPE (of the padded clip) and
+        per-frame condition tokens (B, T, N, D); the attention processors learn how many tokens are real."""
+        per_frame = grid[1] * grid[2]
+        hidden = split_frames(hidden.unflatten(1, (frames_total, per_frame)), 1, sp).flatten(1, 2)
+        rope = tuple(r.unflatten(1, (-1, per_frame)).chunk(sp.size, dim=1)[sp.rank].flatten(1, 2) for r in rope)
+        audio = split_frames(audio, 1, sp)
+        face = None if face is None else split_frames(face, 1, sp)
+        for block in self.blocks:
+            block.attn1.processor.valid_tokens = frames_total * per_frame
+        return hidden, rope, audio, face
+
+    def _output(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int], frames_total: int,
+                return_aux: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Output (and aux) head on the tokens held here, gathered over the SP group, ref frame dropped."""
+        cfg = self.config
+        patch = tuple(cfg.patch_size)
+        local_grid = (hidden.shape[1] // (grid[1] * grid[2]), grid[1], grid[2])
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         out = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-        velocity = _unpatchify(self.proj_out(out), grid, patch)
-        if not return_aux:
-            return velocity
-        return velocity, _unpatchify(self.aux_proj(self.aux_norm(hidden)), grid, patch)
+        heads = [_unpatchify(self.proj_out(out), local_grid, patch)]
+        if return_aux:
+            heads.append(_unpatchify(self.aux_proj(self.aux_norm(hidden)), local_grid, patch))
+        if self._sequence_parallel is not None:
+            heads = [gather_frames(h, 2, frames_total * patch[0], self._sequence_parallel) for h in heads]
+        if cfg.ref_as_frame:
+            heads = [h[:, :, patch[0]:] for h in heads]
+        return heads[0] if not return_aux else (heads[0], heads[1])
 
 
 def _check_geometry(patch_size, vae_spatial_factor: int, pose_channels, audio_every: int, face_every: int) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Sequence, TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import ConfigError, StrictConfig, load_config
 
@@ -42,6 +42,15 @@ class WorkerScaling(StrictConfig):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    sequence_parallel: int = Field(1, ge=1, description="Ulysses degree: consecutive groups of this many workers "
+                                   "split each clip's tokens by latent frames (1 = off); must divide num_workers")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "WorkerScaling":
+        if self.num_workers % self.sequence_parallel:
+            raise ValueError(f"scaling.sequence_parallel={self.sequence_parallel} must divide "
+                             f"scaling.num_workers={self.num_workers} (data-parallel x sequence-parallel groups)")
+        return self
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -47,7 +47,7 @@ from core.config import StrictConfig
 from model.flow import add_noise, cfg_velocity, euler_step
 from model.losses import consistency_distillation_loss, fine_solver_grid, motion_weight_map, pseudo_huber, sample_consistency_pair
 from model.presets import ModelConfig
-from model.samplers import SegmentPlan, default_tpo_plan, segment_edges, validate_segments
+from model.samplers import SegmentPlan, segment_edges
 from ray_jobs.common import init_ray, parse_job_config, setup_logging
 from ray_jobs.training.teacher_objective import TRAIN_COLUMNS
 from ray_jobs.training.validation import validation_sample
@@ -110,18 +110,14 @@ class StudentSection(StrictConfig):
 
 
 class TeacherSource(StrictConfig):
-    """The frozen teacher: the teacher run's export, optionally with TPO adapters routed per σ."""
+    """The frozen teacher: the teacher run's export, optionally with the TPO run's experts routed per σ.
 
-    path: str = Field("outputs/runs/teacher/export", description="teacher diffusers folder (local or s3://)")
-    face_injection: bool = Field(True, description="the teacher was trained with the face path")
-    tpo_adapters: dict[str, str] = Field(default_factory=dict,
-                                         description="adapter name -> peft adapter folder (TPO job's export); empty = none")
-    tpo_plan: list[SegmentPlan] | None = Field(None, description="σ segments naming the adapters; None = default_tpo_plan()")
+    Both are export folders whose model cards say the rest (the teacher's architecture and CFG
+    conditions; the TPO experts' names and σ segments), so nothing of them is restated here."""
 
-    def plan(self) -> list[SegmentPlan]:
-        plan = self.tpo_plan if self.tpo_plan is not None else default_tpo_plan()
-        validate_segments(plan)
-        return plan
+    path: str = Field("outputs/runs/teacher/export", description="teacher export folder (local or s3://)")
+    tpo_path: str | None = Field(None, description="TPO export folder (local or s3://) whose experts the teacher uses, "
+                                              "routed on the segments of its card; None = the plain teacher")
 
 
 class DistillValidation(StrictConfig):
@@ -158,19 +154,12 @@ class DistillConfig(TrainJobConfig):
         if self.deepspeed.zero_stage == 3:
             raise ValueError("distillation supports ZeRO <= 2: the EMA target network needs the full student on every "
                              "rank each step (see ray_jobs.distill_lcm docstring); use zero_stage 1 or 2")
-        for name in {seg.adapter for seg in self.teacher.plan()} - {None}:
-            if self.teacher.tpo_adapters and name not in self.teacher.tpo_adapters:
-                raise ValueError(f"TPO plan names adapter {name!r}, tpo_adapters has {sorted(self.teacher.tpo_adapters)}")
         return self
 
     def student_model_config(self) -> ModelConfig:
         """The student's ModelConfig: switches from the objective, weights from the teacher unless given."""
         path = self.model.pretrained_path or self.teacher.path
         return self.model.model_copy(update={"pretrained_path": path})
-
-    def teacher_model_config(self) -> ModelConfig:
-        return self.model.model_copy(update={"aux_head": False, "face_injection": self.teacher.face_injection,
-                                             "pretrained_path": self.teacher.path, "gradient_checkpointing": False})
 
 
 def _as_dict(section: Any) -> dict[str, Any]:
@@ -301,21 +290,23 @@ class DistillTask:
     def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         self.teacher_fn = self._build_teacher()
+        group = getattr(engine.module, "sequence_parallel_group", None)
+        if group is not None:  # the teacher splits its tokens like the student (the target is a copy: it does too)
+            self.teacher.enable_sequence_parallel(group)
         self.target = copy.deepcopy(engine.module).requires_grad_(False).eval()
         self._synced_step = int(getattr(engine, "global_steps", 0))
 
     def _build_teacher(self) -> Any:
-        from artifacts.models import load_denoiser, local_folder
+        """The teacher as its export's card builds it; with a TPO export, its experts routed on the card's segments."""
+        from artifacts.exports import load_export
 
-        storage = Storage(self.cfg.storage)
-        teacher = load_denoiser(self.cfg.teacher_model_config(), storage).to(self.device, self.dtype)
-        for name, folder in self.cfg.teacher.tpo_adapters.items():
-            with local_folder(folder, storage) as local:
-                teacher.load_lora_adapter(str(local), adapter_name=name, prefix=None,
-                                          weight_name="pytorch_lora_weights.safetensors")
-        teacher.requires_grad_(False).eval()
-        self.teacher = teacher
-        return routed_teacher(teacher, self.cfg.teacher.plan()) if self.cfg.teacher.tpo_adapters else teacher
+        source = self.cfg.teacher
+        loaded = load_export(source.tpo_path or source.path, Storage(self.cfg.storage), self.device,
+                             base_model=source.path if source.tpo_path else None)
+        self.teacher = loaded.model.to(self.dtype).requires_grad_(False).eval()
+        if loaded.card.kind == "tpo":
+            return routed_teacher(self.teacher, loaded.sampler.segments())
+        return self.teacher
 
     def state_dict(self) -> dict[str, Any]:
         """The EMA target network and the step it was synced at: restored on resume by the shared loop."""
@@ -355,6 +346,14 @@ class DistillTask:
                                  self.card.sampler)
 
 
+def check_tpo_matches_teacher(tpo: ModelCard, source: TeacherSource) -> None:
+    """A TPO export's experts only fit the teacher they were trained on: refuse another one at start."""
+    if tpo.kind != "tpo":
+        raise ValueError(f"teacher.tpo_path={source.tpo_path} is a {tpo.kind} export, not a TPO one")
+    if tpo.base_model is not None and tpo.base_model.rstrip("/") != source.path.rstrip("/"):
+        raise ValueError(f"teacher.tpo_path={source.tpo_path} was trained on {tpo.base_model}, not on teacher.path={source.path}")
+
+
 def student_card(cfg: DistillConfig, data: DataCard) -> ModelCard:
     """The student export's card: consistency sampling on its segment edges, no CFG; the aux head is
     a training device, so the served model is built without it."""
@@ -385,6 +384,8 @@ def run(cfg: DistillConfig):
     if not storage.exists(storage.join(cfg.teacher.path, "config.json")):
         raise FileNotFoundError(f"no teacher export at {cfg.teacher.path} (run ray_jobs.train_teacher first)")
     teacher = read_export_card(cfg.teacher.path, storage)
+    if cfg.teacher.tpo_path is not None:
+        check_tpo_matches_teacher(read_export_card(cfg.teacher.tpo_path, storage), cfg.teacher)
     data = data_card(cfg.data, storage)
     check_data_matches_model(data, cfg.model, "distill_lcm")
     train_ds = read_shards(cfg.data, storage, split="train", columns=TRAIN_COLUMNS)

@@ -98,9 +98,8 @@ def wiring(cfg: PipelineConfig, storage: Storage) -> dict[str, dict[str, Any]]:
                 "run.name": "tpo", **shared},
         "distill": {"data": work("shards"), "teacher.path": teacher_export, "run.storage_path": runs,
                     "run.name": "student", **shared,
-                    **({"teacher.tpo_adapters": {"motion": work("runs", "tpo", "export", "motion"),
-                                                 "fidelity": work("runs", "tpo", "export", "fidelity")}}
-                       if "tpo" in cfg.stages and cfg.distill_with_tpo else {})},
+                    **({"teacher.tpo_path": work("runs", "tpo", "export")} if "tpo" in cfg.stages and cfg.distill_with_tpo
+                       else {})},
     }
 
 

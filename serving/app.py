@@ -30,7 +30,7 @@ from core.storage import Storage
 from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import (AnimationRequest, InputError, check_s3_uri, check_size, decode_audio_bytes,
                             decode_image, parse_face_box, parse_keypoints, resolve_frames)
-from serving.jobs import JobStore, new_job_id, valid_job_id
+from serving.jobs import JobProgress, JobStore, new_job_id, valid_job_id
 
 __all__ = ["Animator", "Ingress", "build_app", "api"]
 
@@ -115,7 +115,12 @@ class Animator:
         if self.cfg.torch_threads is not None:
             torch.set_num_threads(self.cfg.torch_threads)
         storage = Storage(self.cfg.storage)
-        self.engine = AnimationEngine(self.cfg, ServedModel.model_validate(served), storage)
+        if self.cfg.animator.sequence_parallel > 1:  # a worker group runs each request together
+            from serving.parallel import ParallelEngine
+
+            self.engine = ParallelEngine(self.cfg, ServedModel.model_validate(served))
+        else:
+            self.engine = AnimationEngine(self.cfg, ServedModel.model_validate(served), storage)
         self.jobs = JobStore(storage, self.cfg.output, self.cfg.job_stale_s)
         self._batched.set_max_batch_size(self.cfg.animator.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.animator.batch_wait_timeout_s)
@@ -185,10 +190,7 @@ class Animator:
         """Async path: progress and result go to the job record; never raises (the record carries the error)."""
         try:
             await asyncio.to_thread(self.jobs.update, job_id, status="running")
-
-            def progress(done: int, total: int) -> None:
-                self.jobs.update(job_id, progress={"done": done, "total": total})
-
+            progress = JobProgress(self.cfg.storage, self.cfg.output, self.cfg.job_stale_s, job_id)
             mp4, animation = await self._animate(request, progress)
             await asyncio.to_thread(self.jobs.write_video, job_id, mp4)
             await asyncio.to_thread(self.jobs.update, job_id, status="done", nfe=animation.nfe,
@@ -410,7 +412,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         autoscaling_config=knobs.autoscaling_config(),
         max_ongoing_requests=knobs.max_ongoing_requests,
         max_queued_requests=knobs.max_queued_requests,
-        ray_actor_options={"num_cpus": knobs.num_cpus, "num_gpus": _num_gpus(knobs.num_gpus)},
+        # with a sequence-parallel group the workers hold the devices, the replica only coordinates
+        ray_actor_options={"num_cpus": knobs.num_cpus,
+                           "num_gpus": _num_gpus(knobs.num_gpus) if knobs.sequence_parallel == 1 else 0.0},
         health_check_period_s=knobs.health_check_period_s,
         health_check_timeout_s=knobs.health_check_timeout_s,
         graceful_shutdown_timeout_s=knobs.graceful_shutdown_timeout_s,

@@ -52,6 +52,11 @@ class DeploymentKnobs(StrictConfig):
     health_check_period_s: float = Field(10.0, gt=0, description="how often check_health runs")
     health_check_timeout_s: float = Field(30.0, gt=0, description="check_health deadline")
     graceful_shutdown_timeout_s: float = Field(20.0, ge=0, description="time to finish requests on scale-down")
+    sequence_parallel: int = Field(1, ge=1, description="workers (devices) that run one request together, "
+                                   "splitting its tokens (Ulysses); 1 = the replica runs requests itself")
+    worker_num_cpus: float = Field(1.0, ge=0, description="sequence_parallel > 1: CPUs per worker actor")
+    worker_num_gpus: float = Field(0.0, ge=0, description="sequence_parallel > 1: GPUs per worker actor "
+                                   "(1 on GPU clusters; the replica itself then needs none)")
     max_batch_size: int = Field(4, ge=1, description="@serve.batch: requests that share a shape run as one batch")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch: wait this long to fill a batch while other requests are in flight (an idle replica never waits)")
 

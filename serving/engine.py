@@ -95,6 +95,18 @@ class Animation:
     face: FaceReport = FaceReport("off")
 
 
+def render_mp4(request: AnimationRequest, animation: Animation, audio_cfg: Any) -> bytes:
+    """H.264 MP4 of the frames with the request's audio (trimmed/padded to frames / fps) muxed in;
+    ``audio_cfg`` is the model card's audio geometry (its sample rate)."""
+    audio = None
+    if request.audio is not None:
+        samples = round(request.num_frames / request.fps * audio_cfg.sample_rate)
+        audio = np.zeros(samples, np.float32)
+        clip = request.audio[:samples]
+        audio[: clip.size] = clip
+    return mux_mp4(animation.frames, audio, request.fps, sample_rate=audio_cfg.sample_rate)
+
+
 class AnimationEngine:
     """Holds the denoiser and VAE on one device; turns `AnimationRequest`s into frames and MP4 bytes."""
 
@@ -192,15 +204,7 @@ class AnimationEngine:
         return [Animation(frames=video[i], nfe=result.nfe, seconds=seconds, face=reports[i]) for i in range(len(requests))]
 
     def render_mp4(self, request: AnimationRequest, animation: Animation) -> bytes:
-        """H.264 MP4 of the frames with the request's audio (trimmed/padded to frames / fps) muxed in."""
-        audio = None
-        if request.audio is not None:
-            rate = self.audio.sample_rate
-            samples = round(request.num_frames / request.fps * rate)
-            audio = np.zeros(samples, np.float32)
-            clip = request.audio[:samples]
-            audio[: clip.size] = clip
-        return mux_mp4(animation.frames, audio, request.fps, sample_rate=self.audio.sample_rate)
+        return render_mp4(request, animation, self.audio)
 
     def animate(self, request: AnimationRequest, progress: ProgressFn | None = None) -> tuple[bytes, Animation]:
         """One request end to end (the in-process reference path the benchmark compares Serve with)."""

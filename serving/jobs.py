@@ -18,9 +18,10 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from core.storage import Storage, StorageNotFoundError
+from core.storage import Storage, StorageConfig, StorageNotFoundError
 
 __all__ = ["JobStore", "new_job_id", "valid_job_id"]
 
@@ -78,3 +79,16 @@ class JobStore:
         uri = self.video_uri(job_id)
         self.storage.write_bytes(uri, mp4)
         return uri
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """A job's progress callback ``(done, total)`` that pickles: a sequence-parallel worker calls it in its own process."""
+
+    storage: StorageConfig
+    output: str
+    stale_s: float
+    job_id: str
+
+    def __call__(self, done: int, total: int) -> None:
+        JobStore(Storage(self.storage), self.output, self.stale_s).update(self.job_id, progress={"done": done, "total": total})

@@ -119,7 +119,6 @@ def test_segment_edges_and_config_validation(teacher_dir):
     cfg = _config(teacher_dir, **{"objective.face": False, "objective.aux": False})
     student = cfg.student_model_config()
     assert (student.face_injection, student.aux_head, student.pretrained_path) == (False, False, teacher_dir)
-    assert cfg.teacher_model_config().face_injection is True
 
 
 def test_pairs_stay_in_their_segment_and_one_jump_lands_on_the_lower_edge():
@@ -221,8 +220,11 @@ def test_target_is_an_ema_of_the_student_after_each_optimizer_step(teacher_dir):
     assert all(torch.equal(p, q) for p, q in zip(task.target.parameters(), engine.module.parameters()))
 
 
-def test_tpo_adapters_are_routed_per_sigma(teacher_dir, tmp_path):
-    from model.denoiser import lora_config, use_adapter
+def _tpo_export(teacher_dir: str, folder: Path, boundary: float) -> str:
+    """A TPO export as the TPO job writes it: two random experts and a card naming them, their base and σ segments."""
+    from artifacts.card import ModelCard, write_card
+    from model.denoiser import lora_config
+    from model.sampling import SamplerSpec
 
     model = build_denoiser(ModelConfig(pretrained_path=teacher_dir))
     gen = torch.Generator().manual_seed(4)
@@ -232,23 +234,42 @@ def test_tpo_adapters_are_routed_per_sigma(teacher_dir, tmp_path):
             for pname, param in model.named_parameters():
                 if "lora_B" in pname and f".{name}." in pname:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-        model.save_lora_adapter(str(tmp_path / name), adapter_name=name)
-    adapters = {name: str(tmp_path / name) for name in ("motion", "fidelity")}
-    task, _ = _task(_config(teacher_dir, **{"teacher.tpo_adapters": adapters}))
-    batch = _batch()
+        model.save_lora_adapter(str(folder / name), adapter_name=name)
+    write_card(folder, ModelCard(kind="tpo", format="lora", base_model=teacher_dir, adapters=["motion", "fidelity"],
+                                 sampler=SamplerSpec(kind="tpo", tpo_boundary=boundary)))
+    return str(folder)
+
+
+def test_tpo_export_experts_are_routed_per_sigma_on_its_cards_boundary(teacher_dir, tmp_path):
+    from model.denoiser import use_adapter
+
+    tpo = _tpo_export(teacher_dir, tmp_path / "tpo", boundary=0.6)
+    # a face-less student: the teacher is still built as its own card says (with its face path)
+    task, _ = _task(_config(teacher_dir, **{"teacher.tpo_path": tpo, "objective.face": False}))
+    assert task.teacher.config.face_injection and not any(p.requires_grad for p in task.teacher.parameters())
+    batch = _batch(3)
     cond = Conditions.from_batch(batch)
-    x, sigma = batch["latents"], torch.tensor([0.95, 0.3])  # motion segment (0.875, 1], fidelity below
+    x, sigma = batch["latents"], torch.tensor([0.95, 0.7, 0.3])  # the card's boundary 0.6: motion, motion, fidelity
     with torch.no_grad():
         routed = task.teacher_fn(x, sigma, cond)
-        expected = []
+        expected = {}
         for name in ("motion", "fidelity"):
             use_adapter(task.teacher, name)
-            expected.append(task.teacher(x, sigma, cond))
+            expected[name] = task.teacher(x, sigma, cond)
         use_adapter(task.teacher, None)
         base = task.teacher(x, sigma, cond)
-    torch.testing.assert_close(routed[0], expected[0][0])
-    torch.testing.assert_close(routed[1], expected[1][1])
+    for i, name in enumerate(("motion", "motion", "fidelity")):
+        torch.testing.assert_close(routed[i], expected[name][i])
     assert (routed - base).abs().max() > 1e-4
+
+
+def test_a_tpo_export_of_another_teacher_fails_at_start_naming_both(teacher_dir, tmp_path):
+    tpo = _tpo_export(teacher_dir, tmp_path / "tpo", boundary=0.875)
+    other = tmp_path / "other_teacher"
+    build_denoiser(ModelConfig()).save_pretrained(str(other), safe_serialization=True)
+    with pytest.raises(ValueError, match="trained on") as caught:
+        run(_config(str(other), **{"teacher.tpo_path": tpo, "data": "unused"}))
+    assert teacher_dir in str(caught.value) and str(other) in str(caught.value)
 
 
 def test_lora_export_loads_and_samples_in_k_nfe(teacher_dir, tmp_path):

@@ -302,6 +302,15 @@ def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, r
     assert storage.read_json(f"{output}/manifest.json") == json.loads(json.dumps(manifest))
     assert 1 <= manifest["num_pairs"] <= 4 and set(manifest["pairs_by_dimension"]) <= {"motion", "fidelity"}
     assert all(storage.exists(f"{output}/{rel}") for rel in manifest["shards"])
+    # the shards' raw-byte tensor encoding (artifacts.tables), not Ray's tensor extension type
+    import pyarrow.parquet as pq
+
+    from artifacts.tables import ENCODING, tensor_column_schema
+
+    assert manifest["encoding"] == ENCODING
+    fs, path = storage.arrow_path(f"{output}/{manifest['shards'][0]}")
+    schema = tensor_column_schema(pq.read_schema(path, filesystem=fs))
+    assert schema["winner_latents"] == (np.dtype("<f4"), (16, 8, 16, 16)) and schema["pose"][0] == np.uint8
     rows = read_pairs(output, storage).take_all()
     assert len(rows) == manifest["num_pairs"]
     for row in rows:
@@ -313,24 +322,24 @@ def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, r
 
 
 def _synthetic_pairs(shards: str, out: str) -> int:
-    """Pairs with a known preference: winner = the true latents; motion loser = the first latent frame
-    frozen over time, fidelity loser = the true latents plus noise."""
-    import ray.data
-
+    """Pairs with a known preference, written as the preferences job writes them: winner = the true latents;
+    motion loser = the first latent frame frozen over time, fidelity loser = the true latents plus noise."""
+    from artifacts.pairs import CONDITION_COLUMNS, pairs_manifest, write_pair_file
     from artifacts.shards import read_shards
 
-    cols = ["latents", "ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face"]
+    keys = ["video_id", "clip_index", "identity_id"]
     rng = np.random.default_rng(0)
     rows = []
-    for clip in read_shards(shards, Storage(), split="train", columns=cols).take_all():
+    for clip in read_shards(shards, Storage(), split="train", columns=CONDITION_COLUMNS + keys + ["latents"]).take_all():
         truth = clip.pop("latents")
         frozen = np.repeat(truth[:, :1], truth.shape[1], axis=1)
         noisy = truth + 0.5 * rng.standard_normal(truth.shape).astype(np.float32)
         for dimension, loser in (("motion", frozen), ("fidelity", noisy)):
-            rows.append({**clip, "dimension": dimension, "winner_latents": truth, "loser_latents": loser})
-    ray.data.from_items(rows).repartition(2).write_parquet(f"{out}/data")
-    files = sorted(p.name for p in (__import__("pathlib").Path(out) / "data").glob("*.parquet"))
-    Storage().write_json(f"{out}/manifest.json", {"shards": [f"data/{f}" for f in files], "num_pairs": len(rows)})
+            rows.append({**clip, "dimension": dimension, "winner_latents": truth, "loser_latents": loser,
+                         "margin": 1.0, "winner_reward": 1.0, "loser_reward": 0.0})
+    files = [write_pair_file({k: np.stack([r[k] for r in part]) for k in part[0]}, out, Storage())
+             for part in (rows[:len(rows) // 2], rows[len(rows) // 2:])]
+    Storage().write_json(f"{out}/manifest.json", pairs_manifest(files, [r["dimension"] for r in rows], {}))
     return len(rows)
 
 

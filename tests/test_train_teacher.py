@@ -36,6 +36,10 @@ def test_deepspeed_config_is_generated_and_overridable():
                                        "reduce_bucket_size": 123}
     assert ds["bf16"]["enabled"] is False
     assert deepspeed_config(DeepSpeedSection(), 1, 1, use_gpu=True)["bf16"]["enabled"] is True
+    # 4 workers as 2 sequence-parallel pairs: the batch counts the 2 data-parallel ranks
+    ulysses = deepspeed_config(DeepSpeedSection(), micro_batch=2, world_size=4, use_gpu=False, sequence_parallel=2)
+    assert (ulysses["train_batch_size"], ulysses["sequence_parallel_size"], ulysses["data_parallel_size"]) == (4, 2, 2)
+    assert "sequence_parallel_size" not in ds
 
 
 def test_zero2_on_s3_resumes_and_survives_an_injected_failure(tiny_data, s3_bucket, s3_server):
@@ -111,3 +115,26 @@ def test_shards_made_for_another_model_fail_at_start_naming_both(tiny_data, over
         assert "tiny_teacher" in message and "tiny checked-in VAE" in message
     else:
         assert "'n_mels': 16" in message and "'n_mels': 32" in message
+
+
+def test_sequence_parallel_run_trains_and_resumes(tiny_data, tmp_path):
+    """2 workers as one sequence-parallel group (sp=2, dp=1): each clip's tokens split across both; resumes."""
+    overrides = {"scaling.sequence_parallel": 2, "run.storage_path": str(tmp_path), "run.name": "teacher-sp",
+                 "validation.steps": 1}
+    first = run(_config(tiny_data, steps=2, **overrides))
+    assert first.metrics["step"] == 2
+    second = run(_config(tiny_data, steps=4, **overrides))
+    assert second.metrics["step"] == 4
+    lines = [json.loads(ln) for ln in (tmp_path / "teacher-sp" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2, 3, 4]
+    assert all(ln["loss"] > 0 and ln["grad_norm"] > 0 for ln in lines)
+    # one data-parallel rank: batch_size clips per step, not batch_size x workers
+    assert all(abs(ln["samples_per_s"] * ln["step_time_s"] - 1) < 1e-6 for ln in lines)
+    from artifacts.exports import load_export
+
+    assert load_export(str(tmp_path / "teacher-sp" / "export"), Storage()).card.kind == "teacher"
+
+
+def test_sequence_parallel_must_divide_the_workers(tiny_data):
+    with pytest.raises(ValueError, match="must divide"):
+        _config(tiny_data, **{"scaling.sequence_parallel": 2, "scaling.num_workers": 3})

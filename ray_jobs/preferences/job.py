@@ -6,8 +6,9 @@ Pipeline: shards (conditions + ground truth) -> `CandidateScorer` actors (teache
 ``__init__``; per condition M seeded candidates with the teacher's Euler/CFG sampler, decoded and
 scored per dimension) -> for each dimension whose margin passes `min_margin`, one row (conditions,
 winner latents, loser latents, dimension, margin): best vs worst, or with `other_dimension_tolerance`
-set, the widest pair whose winner does not lose the other dimensions (`pick_pair`) -> Parquet under ``{output}/data/`` and
-``{output}/manifest.json`` (files, counts per dimension, config). Winner/loser latents are the
+set, the widest pair whose winner does not lose the other dimensions (`pick_pair`) -> each actor writes
+its batch's pairs as one Parquet file under ``{output}/data/`` (`artifacts.pairs.write_pair_file`) and
+returns only (file, dimension) rows -> ``{output}/manifest.json`` (files, counts per dimension, config). Winner/loser latents are the
 sampler's final latents, i.e. exactly what the teacher would decode: no VAE round trip.
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifacts.pairs import CONDITION_COLUMNS, PAIR_COLUMNS, PAIRS_MANIFEST, TRUTH_COLUMNS
+from artifacts.pairs import (CONDITION_COLUMNS, PAIR_COLUMNS, PAIRS_MANIFEST, TRUTH_COLUMNS, pairs_manifest,
+                             write_pair_file)
 from core.storage import Storage
 from ray_jobs.preferences.config import PreferencesConfig
 from ray_jobs.preferences.rewards import get_reward
@@ -50,11 +52,15 @@ class CandidateScorer:
         self.rewards = {dim: get_reward(name) for dim, name in self.cfg.rewards.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Clips -> their pairs, written as one file here (pixels and latents never travel back); (file, dimension) rows."""
         from model.generate import latent_shape
 
         rows = [self._pairs_of(_row(batch, i)) for i in range(len(batch["video_id"]))]
         shape = latent_shape(self.vae, *np.asarray(batch["frames"]).shape[1:4])[1:]
-        return _stack([pair for pairs in rows for pair in pairs], batch, shape)
+        pairs = _stack([pair for pairs in rows for pair in pairs], batch, shape)
+        name = write_pair_file(pairs, self.cfg.output, Storage(self.cfg.storage))
+        return {"file": np.array([name] * len(pairs["dimension"]), dtype=object),
+                "dimension": np.asarray(pairs["dimension"], dtype=object)}
 
     @torch.no_grad()
     def sample_candidates(self, clip: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
@@ -167,13 +173,9 @@ def run(cfg: PreferencesConfig) -> dict[str, Any]:
     if storage.list(data_uri):
         log.warning("replacing the pairs under %s", data_uri)
         storage.delete(data_uri)
-    ds = build_dataset(cfg).materialize()
-    fs, path = storage.arrow_path(data_uri)
-    ds.write_parquet(path, filesystem=fs)
-    files = sorted(storage.list(data_uri, suffixes=".parquet"))
-    counts = {row["dimension"]: int(row["count()"]) for row in ds.groupby("dimension").count().take_all()}
-    manifest = {"shards": [f"data/{f.rstrip('/').split('/')[-1]}" for f in files], "num_pairs": sum(counts.values()),
-                "pairs_by_dimension": counts, "columns": PAIR_COLUMNS, "config": cfg.model_dump(mode="json")}
+    written = build_dataset(cfg).take_all()
+    manifest = pairs_manifest(sorted({row["file"] for row in written}), [row["dimension"] for row in written],
+                              cfg.model_dump(mode="json"))
     storage.write_json(storage.join(cfg.output, PAIRS_MANIFEST), manifest)
-    log.info("wrote %d pairs (%s) to %s", manifest["num_pairs"], counts, cfg.output)
+    log.info("wrote %d pairs (%s) to %s", manifest["num_pairs"], manifest["pairs_by_dimension"], cfg.output)
     return manifest

@@ -41,8 +41,14 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """Generate the DeepSpeed JSON from our config; `section.raw_override` is merged last."""
+def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: int, use_gpu: bool,
+                     sequence_parallel: int = 1) -> dict[str, Any]:
+    """Generate the DeepSpeed JSON from our config; `section.raw_override` is merged last.
+
+    With ``sequence_parallel`` > 1 the ranks form a (data, sequence) mesh in DeepSpeed's Ulysses mode:
+    consecutive ranks share a clip, the batch counts data-parallel ranks only, and gradients are
+    reduced over both (see `model.sequence_parallel`)."""
+    data_parallel = world_size // sequence_parallel
     precision = resolve_precision(section, use_gpu)
     zero: dict[str, Any] = {"stage": section.zero_stage}
     if section.zero_stage == 3:
@@ -51,7 +57,7 @@ def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: in
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": section.gradient_accumulation_steps,
-        "train_batch_size": micro_batch * section.gradient_accumulation_steps * world_size,
+        "train_batch_size": micro_batch * section.gradient_accumulation_steps * data_parallel,
         "gradient_clipping": section.gradient_clipping,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -60,6 +66,8 @@ def deepspeed_config(section: DeepSpeedSection, micro_batch: int, world_size: in
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if sequence_parallel > 1:
+        config.update(sequence_parallel_size=sequence_parallel, data_parallel_size=data_parallel)
     return deep_merge(config, section.raw_override)
 
 

@@ -84,6 +84,15 @@ class Worker:
     world: int
     storage: Storage
 
+    @property
+    def sequence_parallel(self) -> int:
+        return self.cfg.scaling.sequence_parallel
+
+    @property
+    def data_rank(self) -> int:
+        """This worker's data-parallel index: the ranks of one sequence-parallel group share it (and their batches)."""
+        return self.rank // self.sequence_parallel
+
 
 def run_dir(cfg: TrainJobConfig) -> str:
     return Storage(cfg.storage).join(cfg.run.storage_path, cfg.run.name)
@@ -121,6 +130,21 @@ def _batches(batch_size: int, columns: list[str] | None, cache_mb: float,
     while True:
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
             yield {k: v for k, v in batch.items() if columns is None or k in columns}
+
+
+def _shared_in_group(batches: Iterator[dict[str, torch.Tensor]], group: Any,
+                     leader: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The group leader's batches on every rank of a sequence-parallel group (each rank still reads its
+    own dataset shard, so the group's shards are read but only the leader's rows are trained on)."""
+    import torch.distributed as dist
+
+    for batch in batches:
+        for name in sorted(batch):
+            tensor = batch[name].contiguous()
+            wire = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor  # gloo has no bool
+            dist.broadcast(wire, src=leader, group=group)
+            batch[name] = tensor
+        yield batch
 
 
 def _replay(cached: list[dict[str, torch.Tensor]], batch_size: int,
@@ -231,8 +255,10 @@ def _setup(cfg: TrainJobConfig, task: TrainTask) -> Worker:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts)
     model = task.build_model()
-    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.batch_size, world, cfg.scaling.use_gpu)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.batch_size, world, cfg.scaling.use_gpu, cfg.scaling.sequence_parallel)
     engine = initialize_engine(model, task.param_groups(model), cfg.optim, ds_cfg, total_steps=cfg.steps)
+    if cfg.scaling.sequence_parallel > 1:  # before the task's hook, so models it derives share the group
+        engine.module.enable_sequence_parallel(engine.seq_parallel_group)
     dtype = torch.bfloat16 if resolve_precision(cfg.deepspeed, cfg.scaling.use_gpu) == "bf16" else torch.float32
     task.on_engine_ready(engine, engine.device, dtype)
     ema = (EMA(engine.module, task.ema_decay, cfg.deepspeed.zero_stage, warmup=getattr(task, "ema_warmup", True))
@@ -247,9 +273,12 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
     worker = _setup(cfg, task)
     engine, ema, rank, world, storage = worker.engine, worker.ema, worker.rank, worker.world, worker.storage
     start_step, lines = _resume(worker)
-    generator = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step)
-    batches = _batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb,
-                       torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + start_step + 1))
+    # Seeded by the data-parallel index: the ranks of a sequence-parallel group draw the same noise.
+    seed = cfg.run.seed * 1000 + worker.data_rank * 7919 + start_step
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb, torch.Generator().manual_seed(seed + 1))
+    if worker.sequence_parallel > 1:
+        batches = _shared_in_group(batches, engine.seq_parallel_group, worker.data_rank * worker.sequence_parallel)
     metrics_uri = storage.join(run_dir(cfg), "metrics.jsonl")
     board = _TensorBoard(cfg, storage) if cfg.run.tensorboard and rank == 0 else None
     for step in range(start_step + 1, cfg.steps + 1):
@@ -259,7 +288,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
             ema.update(step)
         _maybe_inject_failure(cfg, storage, step, rank, world)
         seconds = time.perf_counter() - t0
-        samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world
+        samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world // worker.sequence_parallel
         metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
                    "samples_per_s": samples / seconds, "step_time_s": seconds, "time": time.time(),
                    "peak_rss_mb": _peak_rss_mb(), **step_metrics}
@@ -317,7 +346,8 @@ def _maybe_validate(worker: Worker, step: int, metrics: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="val-") as folder:
         model = _unwrapped(engine)
         swap = ema.swapped_into(model) if ema is not None else _null_context(model)
-        with swap:
+        alone = model.sequence_parallel_off() if worker.sequence_parallel > 1 else _null_context(model)
+        with swap, alone:  # rank 0 samples alone: no group to split tokens with
             values = task.validate(model, step, Path(folder))
         if any(Path(folder).iterdir()):
             storage.upload_dir(folder, storage.join(run_dir(cfg), "validation", f"step_{step:06d}"))

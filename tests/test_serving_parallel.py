@@ -1,0 +1,113 @@
+"""One request on two workers: the Serve app with ``animator.sequence_parallel = 2`` over real HTTP.
+
+The served video equals the one-device engine's for the same seed; a killed worker fails its
+request with a 500 and the replica replaces its group, so the next request succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from conftest import start_ray
+from test_serving import FPS, _free_port, _keypoints, _png, _probe_mp4, _wav
+
+from model.presets import ModelConfig, build_denoiser
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> str:
+    """A tiny teacher folder with random weights and every zero-init path woken (no card: one is inferred)."""
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().max() == 0 and param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    folder = tmp_path_factory.mktemp("teacher")
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return str(folder)
+
+
+def _args(export: str, output: str, sp: int) -> dict:
+    return {"export": export, "output": output, "torch_threads": 1, "warmup": False,
+            "limits": {"max_upload_bytes": 200_000, "max_steps": 8, "max_frames": 32, "max_duration_s": 2.0},
+            "animator": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "num_gpus": 0,
+                         "sequence_parallel": sp, "worker_num_cpus": 1}}
+
+
+@pytest.fixture(scope="module")
+def sp_url(s3_server, export_dir, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    start_ray("serve-sp", num_cpus=4)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(_args(export_dir, str(tmp_path_factory.mktemp("out")), sp=2)), name="sp", route_prefix="/sp")
+    try:
+        yield f"http://127.0.0.1:{port}/sp"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _files(frames: int) -> dict:
+    return {"image": ("ref.png", _png(64, 64), "image/png"), "audio": ("a.wav", _wav(frames / FPS), "audio/wav"),
+            "keypoints": ("k.json", _keypoints(frames), "application/json")}
+
+
+def _post(url: str, frames: int = 8, seed: int = 5) -> requests.Response:
+    return requests.post(f"{url}/v1/animations", files=_files(frames),
+                         data={"frames": frames, "fps": FPS, "steps": 3, "seed": seed}, timeout=300)
+
+
+def test_sp2_request_returns_the_one_device_video(sp_url, export_dir, tmp_path):
+    from core.storage import Storage
+    from serving.config import ServeAppConfig, resolve_served
+    from serving.engine import AnimationEngine
+    from serving.inputs import AnimationRequest, decode_audio_bytes, decode_image, parse_keypoints
+
+    response = _post(sp_url)
+    assert response.status_code == 200, response.text
+    info, served, _ = _probe_mp4(response.content, tmp_path)
+    assert info.num_frames == 8 and info.has_audio
+
+    # the same request on one device, in this process
+    cfg = ServeAppConfig.model_validate(_args(export_dir, str(tmp_path / "local"), sp=1))
+    engine = AnimationEngine(cfg, resolve_served(cfg, Storage()))
+    request = AnimationRequest(decode_image(_png(64, 64), "image", 64, 64, 10**6),
+                               decode_audio_bytes(_wav(8 / FPS), "audio", 16000, 2.0),
+                               parse_keypoints(_keypoints(8), "keypoints", 64, 64), 8, FPS, 3, seed=5)
+    mp4, _ = engine.animate(request)
+    _, local, _ = _probe_mp4(mp4, tmp_path)
+    diff = np.abs(served.astype(np.int16) - local.astype(np.int16))
+    assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())  # H.264 of frames equal to ~1e-5
+    assert served.std() > 5  # a real picture, not a flat frame
+
+
+def test_a_killed_worker_fails_its_request_and_the_group_is_replaced(sp_url):
+    from ray.util.state import list_actors
+
+    workers = [a for a in list_actors(filters=[("class_name", "=", "SequenceParallelWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    failed = _post(sp_url)
+    assert failed.status_code == 500 and "generation failed" in failed.json()["error"]["message"]
+    deadline = time.monotonic() + 120
+    while True:  # the replica started a new group when the request failed
+        again = _post(sp_url)
+        if again.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert again.status_code == 200, again.text
+    alive = list_actors(filters=[("class_name", "=", "SequenceParallelWorker"), ("state", "=", "ALIVE")])
+    assert len(alive) == 2 and {a.pid for a in alive}.isdisjoint({w.pid for w in workers})
