@@ -14,15 +14,19 @@ the whole group before the next request: a process group cannot take a new membe
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
+import uuid
 from typing import Any, Sequence
 
 from serving.config import ServeAppConfig, ServedModel
 from serving.engine import Animation, AnimationEngine, ProgressFn, render_mp4
 from serving.inputs import AnimationRequest
 
-__all__ = ["SequenceParallelWorker", "ParallelEngine"]
+__all__ = ["SequenceParallelWorker", "ParallelEngine", "WORKER_PREFIX"]
+
+WORKER_PREFIX = "sequence-parallel-"
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +69,9 @@ class SequenceParallelWorker:
     def warmup(self) -> float:
         return self.engine.warmup()
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 class ParallelEngine:
     """What the Animator needs of an engine (`generate_batch`, `render_mp4`, `warmup`), run by a worker group."""
@@ -78,10 +85,12 @@ class ParallelEngine:
         import ray
 
         knobs, size = self.cfg.animator, self.cfg.animator.sequence_parallel
-        actor = ray.remote(SequenceParallelWorker).options(num_cpus=knobs.worker_num_cpus,
-                                                           num_gpus=knobs.worker_num_gpus)
+        actor = ray.remote(SequenceParallelWorker)
         cfg, served = self.cfg.model_dump(mode="json"), self.served.model_dump(mode="json")
-        self.workers = [actor.remote(cfg, served, rank, size) for rank in range(size)]
+        group = f"{WORKER_PREFIX}{uuid.uuid4().hex[:8]}"  # named, so operators (and tests) can find them
+        self.workers = [actor.options(name=f"{group}-rank{rank}", num_cpus=knobs.worker_num_cpus,
+                                      num_gpus=knobs.worker_num_gpus).remote(cfg, served, rank, size)
+                        for rank in range(size)]
         address = ray.get(self.workers[0].address.remote())
         ray.get([w.join.remote(address) for w in self.workers])
         logger.info("sequence-parallel group of %d workers ready at %s", size, address)

@@ -127,7 +127,7 @@ def test_sequence_parallel_run_trains_and_resumes(tiny_data, tmp_path):
     assert second.metrics["step"] == 4
     lines = [json.loads(ln) for ln in (tmp_path / "teacher-sp" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4]
-    assert all(ln["loss"] > 0 and ln["grad_norm"] > 0 for ln in lines)
+    assert all(ln["loss"] > 0 and ln["grad_norm"] > 0 and ln["sequence_parallel"] == 2 for ln in lines)
     # one data-parallel rank: batch_size clips per step, not batch_size x workers
     assert all(abs(ln["samples_per_s"] * ln["step_time_s"] - 1) < 1e-6 for ln in lines)
     from artifacts.exports import load_export

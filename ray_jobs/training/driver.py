@@ -6,15 +6,42 @@ Each job calls `fit(cfg, train_fn, datasets)`; the worker side is `ray_jobs.trai
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
+
+from ray.train import DataConfig
 
 from artifacts.exports import ExportedRun
 from core.storage import Storage
 from ray_jobs.training.config import TrainJobConfig
 
-__all__ = ["fit"]
+__all__ = ["fit", "GroupLeaderDataConfig"]
 
 log = logging.getLogger(__name__)
+
+
+class GroupLeaderDataConfig(DataConfig):
+    """Ray Train's `DataConfig`, but with sequence parallelism each dataset is split into one stream per
+    data-parallel rank, read by its group's first worker (the others get the batches from it over the
+    group, `loop._shared_in_group`), so no row goes to a rank that would not train on it."""
+
+    def __init__(self, sequence_parallel: int = 1):
+        super().__init__()
+        self.sequence_parallel = sequence_parallel
+
+    def configure(self, datasets: dict, world_size: int, worker_handles: Any, worker_node_ids: Any,
+                  **kwargs: Any) -> list[dict]:
+        sp = self.sequence_parallel
+        if sp == 1:
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        output: list[dict] = [dict.fromkeys(datasets) for _ in range(world_size)]  # non-leaders read nothing
+        leaders = list(range(0, world_size, sp))
+        hints = [worker_node_ids[i] for i in leaders] if worker_node_ids else None
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            for leader, split in zip(leaders, dataset.streaming_split(len(leaders), equal=True, locality_hints=hints)):
+                output[leader][name] = split
+        return output
 
 
 def fit(cfg: TrainJobConfig, train_fn: Callable[[dict], None], train_loop_config: dict, datasets: dict) -> ExportedRun:
@@ -41,6 +68,7 @@ def fit(cfg: TrainJobConfig, train_fn: Callable[[dict], None], train_loop_config
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
         datasets=datasets,
+        dataset_config=GroupLeaderDataConfig(cfg.scaling.sequence_parallel),
     )
     result = trainer.fit()
     log.info("run %s finished: %s", cfg.run.name, result.metrics)

@@ -132,13 +132,18 @@ def _batches(batch_size: int, columns: list[str] | None, cache_mb: float,
             yield {k: v for k, v in batch.items() if columns is None or k in columns}
 
 
-def _shared_in_group(batches: Iterator[dict[str, torch.Tensor]], group: Any,
+def _shared_in_group(batches: Iterator[dict[str, torch.Tensor]] | None, group: Any,
                      leader: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The group leader's batches on every rank of a sequence-parallel group (each rank still reads its
-    own dataset shard, so the group's shards are read but only the leader's rows are trained on)."""
+    """The group leader's batches on every rank of a sequence-parallel group. Only the leader reads
+    (``batches``; None elsewhere): `GroupLeaderDataConfig` gives the data shards to leaders only."""
     import torch.distributed as dist
 
-    for batch in batches:
+    while True:
+        batch = next(batches) if batches is not None else None
+        header = [None if batch is None else {k: (v.dtype, tuple(v.shape)) for k, v in batch.items()}]
+        dist.broadcast_object_list(header, src=leader, group=group)
+        if batch is None:
+            batch = {k: torch.empty(shape, dtype=dtype) for k, (dtype, shape) in header[0].items()}
         for name in sorted(batch):
             tensor = batch[name].contiguous()
             wire = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor  # gloo has no bool
@@ -276,9 +281,11 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
     # Seeded by the data-parallel index: the ranks of a sequence-parallel group draw the same noise.
     seed = cfg.run.seed * 1000 + worker.data_rank * 7919 + start_step
     generator = torch.Generator().manual_seed(seed)
-    batches = _batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb, torch.Generator().manual_seed(seed + 1))
+    leader = worker.data_rank * worker.sequence_parallel  # the group's first rank reads its data shard
+    batches = (_batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb, torch.Generator().manual_seed(seed + 1))
+               if rank == leader else None)
     if worker.sequence_parallel > 1:
-        batches = _shared_in_group(batches, engine.seq_parallel_group, worker.data_rank * worker.sequence_parallel)
+        batches = _shared_in_group(batches, engine.seq_parallel_group, leader)
     metrics_uri = storage.join(run_dir(cfg), "metrics.jsonl")
     board = _TensorBoard(cfg, storage) if cfg.run.tensorboard and rank == 0 else None
     for step in range(start_step + 1, cfg.steps + 1):
@@ -291,7 +298,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
         samples = cfg.batch_size * cfg.deepspeed.gradient_accumulation_steps * world // worker.sequence_parallel
         metrics = {"step": step, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
                    "samples_per_s": samples / seconds, "step_time_s": seconds, "time": time.time(),
-                   "peak_rss_mb": _peak_rss_mb(), **step_metrics}
+                   "peak_rss_mb": _peak_rss_mb(), "sequence_parallel": _split_degree(engine), **step_metrics}
         checkpointing = step % cfg.checkpoint.every_n_steps == 0 or step == cfg.steps
         if checkpointing:
             _maybe_validate(worker, step, metrics)  # first, so val_* land in metrics.jsonl too
@@ -318,6 +325,14 @@ def _optimizer_step(engine: Any, task: TrainTask, batches: Iterator, generator: 
         for key, value in {"loss": float(loss.detach()), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + value / accum
     return totals
+
+
+def _split_degree(engine: Any) -> int:
+    """How many ranks the model's tokens are split over (the size of its sequence-parallel group; 1 = none)."""
+    import torch.distributed as dist
+
+    group = getattr(engine.module, "sequence_parallel_group", None)
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def _peak_rss_mb() -> float:
