@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import StrictConfig
 from model.face import crop_faces
@@ -79,6 +79,16 @@ class FitVAEConfig(StrictConfig):
     eval_frames: int = Field(16, ge=1, description="frames per split for the PSNR report")
     threads: int | None = Field(None, ge=1, description="torch threads (None = torch default)")
     init_from: str | None = Field(None, description="continue fitting this local VAE folder (its arch must match `arch`)")
+    decoder_only: bool = Field(False, description="train the decoder (and post_quant_conv) only: the encoder, its "
+                               "latent statistics and every latent already made with them stay valid (needs init_from)")
+    decoder_latent_noise: float = Field(0.0, ge=0, description="decode mode + s * latents_std * N(0, I), s ~ U(0, "
+                                        "this) per sample: a decoder robust to a generator's small latent errors")
+
+    @model_validator(mode="after")
+    def _decoder_only_continues(self) -> "FitVAEConfig":
+        if self.decoder_only and self.init_from is None:
+            raise ValueError("decoder_only needs init_from: the encoder whose latents the decoder learns to read")
+        return self
     arch: TinyVAEArchitecture = TinyVAEArchitecture()
 
 
@@ -140,9 +150,15 @@ def build_frame_pool(cfg: FitVAEConfig, split: str, rng: np.random.Generator,
 
 
 def _step_loss(vae, pixels: torch.Tensor, cfg: FitVAEConfig) -> torch.Tensor:
-    """L1 + MSE reconstruction of the posterior mean plus KL to N(0, I) (per element)."""
-    posterior = vae.encode(pixels).latent_dist
-    recon = vae.decode(posterior.mode()).sample
+    """L1 + MSE reconstruction of the posterior mean (optionally noised, `decoder_latent_noise`) plus KL to N(0, I)."""
+    with torch.set_grad_enabled(not cfg.decoder_only):
+        posterior = vae.encode(pixels).latent_dist
+    latent = posterior.mode()
+    if cfg.decoder_latent_noise > 0:  # in units of the latent std the denoiser works in (normalised latents)
+        std = torch.tensor(vae.config.latents_std, dtype=latent.dtype).view(1, -1, 1, 1, 1)
+        scale = torch.rand(latent.shape[0], 1, 1, 1, 1) * cfg.decoder_latent_noise
+        latent = latent + scale * std * torch.randn_like(latent)
+    recon = vae.decode(latent).sample
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
     return cfg.l1_weight * F.l1_loss(recon, pixels) + cfg.mse_weight * F.mse_loss(recon, pixels) + cfg.kl_weight * kl
 
@@ -154,7 +170,11 @@ def _sample(pool: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tenso
 def train(vae, pool: dict[str, torch.Tensor], cfg: FitVAEConfig) -> tuple[int, float]:
     """Adam with cosine decay on random frames and face crops; returns (steps done, seconds)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed)  # latent noise
+    if cfg.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr * 0.05)
     vae.train()
     start, step = time.perf_counter(), 0
@@ -225,8 +245,9 @@ def fit_vae(cfg: FitVAEConfig, source: FrameSource | None = None) -> dict:
         for kind in ("frames", "faces"):
             pick = torch.from_numpy(eval_gen.choice(len(pool[kind]), min(cfg.eval_frames, len(pool[kind])), replace=False))
             report[f"psnr_{split}_{kind}"] = round(reconstruction_psnr(vae, pool[kind][pick]), 2)
-    mean, std = latent_statistics(vae, [pools["train"]["frames"][:256], pools["train"]["faces"][:256]])
-    vae.register_to_config(latents_mean=mean, latents_std=std)
+    if not cfg.decoder_only:  # a new encoder: new latent statistics (decoder-only keeps the loaded ones)
+        mean, std = latent_statistics(vae, [pools["train"]["frames"][:256], pools["train"]["faces"][:256]])
+        vae.register_to_config(latents_mean=mean, latents_std=std)
     report["encode_decode_ms_8x64x64"] = round(encode_decode_ms(vae, cfg.size), 1)
     report["parameters"] = sum(p.numel() for p in vae.parameters())
     out = Path(cfg.out)

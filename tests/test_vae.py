@@ -136,3 +136,26 @@ def test_bad_shapes_raise(tiny: VideoVAE, causal_vae: VideoVAE):
         tiny.encode(torch.zeros(2, 64, 64, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="latents must be"):
         tiny.decode(torch.zeros(1, 4, 2, 16, 16))
+
+
+def test_decoder_only_fit_keeps_the_encoder_and_its_latent_statistics(tmp_path):
+    """A robust-decoder fine-tune (noised latents) changes the decoder only, so shards made with the encoder stay valid."""
+    from diffusers import AutoencoderKLWan
+
+    from ray_jobs.fit_vae import fit_vae
+
+    with pytest.raises(ValueError, match="decoder_only needs init_from"):
+        FitVAEConfig(decoder_only=True)
+    source = "model/assets/tiny_vae"
+    cfg = FitVAEConfig(out=str(tmp_path / "robust"), init_from=source, decoder_only=True, decoder_latent_noise=0.3,
+                       steps=3, batch_frames=2, batch_faces=2, extra_train_seeds=0, num_identities=3,
+                       heldout_identities=1, frames_per_identity=2, eval_frames=2, threads=1)
+    report = fit_vae(cfg)
+    assert report["steps"] == 3 and report["history"]  # the checked-in fit chain is carried on
+    before, after = AutoencoderKLWan.from_pretrained(source), AutoencoderKLWan.from_pretrained(cfg.out)
+    assert after.config.latents_mean == before.config.latents_mean and after.config.latents_std == before.config.latents_std
+    old = dict(before.named_parameters())
+    for name, param in after.named_parameters():
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(param, old[name]), name
+    assert any(not torch.equal(p, old[n]) for n, p in after.named_parameters() if n.startswith("decoder."))
