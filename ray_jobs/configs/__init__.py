@@ -28,6 +28,7 @@ JOB_CONFIGS: dict[str, str] = {
     "pipeline": "ray_jobs.pipeline:PipelineConfig",
     "evaluate": "ray_jobs.evaluate:EvaluateConfig",
     "fit_perception": "ray_jobs.fit_perception:FitPerceptionConfig",
+    "fit_vae": "ray_jobs.fit_vae:FitVAEConfig",
 }
 
 
