@@ -338,8 +338,13 @@ class AnimationDenoiser(WanTransformer3DModel):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditions,
                 return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Velocity v (B, C, T_lat, h, w) for noisy latents x at noise level sigma (B,) in [0, 1]."""
+        """Velocity v (B, C, T_lat, h, w) for noisy latents x at noise level sigma (B,) in [0, 1].
+
+        Inputs are cast to the model's dtype here (the one place: a bf16 model takes the fp32 latents and
+        conditions of any caller) and the outputs come back in x's dtype, so samplers keep their own."""
         cfg = self.config
+        in_dtype = x.dtype
+        x, cond = x.to(self.patch_embedding.weight.dtype), cond.to(None, self.patch_embedding.weight.dtype)
         patch = tuple(cfg.patch_size)
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, T, h, w), got {tuple(x.shape)}")
@@ -370,7 +375,8 @@ class AnimationDenoiser(WanTransformer3DModel):
                 hidden = self._gradient_checkpointing_func(stage, hidden, context, temb_proj, rope, audio, face)
             else:
                 hidden = stage(hidden, context, temb_proj, rope, audio, face)
-        return self._output(hidden, temb, grid, frames_total, return_aux)
+        out = self._output(hidden, temb, grid, frames_total, return_aux)
+        return (out[0].to(in_dtype), out[1].to(in_dtype)) if return_aux else out.to(in_dtype)
 
     def _local_frames(self, sp: SequenceParallel, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                       audio: torch.Tensor, face: torch.Tensor | None, frames_total: int, grid: tuple[int, int, int]):
