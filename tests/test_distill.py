@@ -297,9 +297,10 @@ def test_lora_export_loads_and_samples_in_k_nfe(teacher_dir, tmp_path):
 
 # ---------------------------------------------------------------------- Ray Train + DeepSpeed
 def test_two_worker_deepspeed_distillation_exports_a_k_step_student(tiny_data, teacher_dir, tmp_path):
+    """bf16 on CPU: student, EMA target and teacher in the engine's dtype; validation and export from fp32 callers."""
     from model.vae import load_vae
 
-    cfg = _config(teacher_dir, data=tiny_data, steps=2, **{"checkpoint.every_n_steps": 2,
+    cfg = _config(teacher_dir, data=tiny_data, steps=2, **{"checkpoint.every_n_steps": 2, "deepspeed.precision": "bf16",
                                                             "run.storage_path": str(tmp_path), "run.name": "student"})
     result = run(cfg)
     assert result.metrics["step"] == 2
