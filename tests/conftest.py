@@ -144,3 +144,15 @@ def tiny_data(s3_server, tmp_path_factory):
     summary = preprocess(cfg)
     assert summary["clips_written"] > 0, summary
     return str(root / "shards")
+
+
+def wake_zero_inits(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Give zero-initialised weights (condition paths, output layers, LoRA B matrices) seeded random values,
+    so every path of a random-init denoiser acts. Imports torch when called, not when conftest loads."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or (param.abs().max() == 0 and param.ndim >= 2):
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)

@@ -302,9 +302,7 @@ def test_a_bf16_model_takes_fp32_inputs_and_answers_in_their_dtype():
     x = torch.randn(1, 16, 8, 16, 16, generator=gen)
     torch.manual_seed(0)
     full = build_denoiser(ModelConfig(aux_head=True)).eval()
-    for param in full.parameters():  # wake the zero-init paths so the comparison sees every condition
-        if param.abs().max() == 0 and param.ndim >= 2:
-            param.data.normal_(0, 0.05, generator=gen)
+    _wake_zero_inits(full)  # so the comparison sees every condition
     half = build_denoiser(ModelConfig(aux_head=True)).eval()
     half.load_state_dict(full.state_dict())
     half.to(torch.bfloat16)

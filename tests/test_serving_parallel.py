@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import start_ray
+from conftest import start_ray, wake_zero_inits
 from test_serving import FPS, _free_port, _keypoints, _png, _probe_mp4, _wav
 
 from model.presets import ModelConfig, build_denoiser
@@ -24,11 +24,7 @@ def export_dir(tmp_path_factory) -> str:
     """A tiny teacher folder with random weights and every zero-init path woken (no card: one is inferred)."""
     torch.manual_seed(0)
     model = build_denoiser(ModelConfig())
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.abs().max() == 0 and param.ndim >= 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    wake_zero_inits(model)
     folder = tmp_path_factory.mktemp("teacher")
     model.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)

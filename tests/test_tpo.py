@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import wake_zero_inits
 
 from model.conditions import Conditions
 from model.denoiser import use_adapter
@@ -41,15 +42,6 @@ def _inputs(batch: int = 2, seed: int = 0):
     return x0, cond
 
 
-def _wake(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
-    """Make zero-initialised output layers and LoRA B matrices non-zero, so every path acts."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or (param.abs().max() == 0 and param.ndim >= 2):
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-
-
 @contextlib.contextmanager
 def _zeroed(model: torch.nn.Module, adapter: str):
     """Temporarily set one adapter's LoRA B matrices to zero (the adapter then adds nothing)."""
@@ -71,7 +63,7 @@ def tpo_model():
     torch.manual_seed(0)
     model = build_denoiser(ModelConfig())
     add_tpo_adapters(model, TPOObjective(lora_rank=4))
-    _wake(model)
+    wake_zero_inits(model)
     return model
 
 
@@ -281,7 +273,7 @@ def random_teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher") / "export"
     torch.manual_seed(0)
     model = build_denoiser(ModelConfig(overrides={"num_layers": 2}))
-    _wake(model, scale=0.02)
+    wake_zero_inits(model, scale=0.02)
     model.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
 

@@ -53,14 +53,13 @@ class CandidateScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Clips -> their pairs, written as one file here (pixels and latents never travel back); (file, dimension) rows."""
-        from model.generate import latent_shape
-
-        rows = [self._pairs_of(_row(batch, i)) for i in range(len(batch["video_id"]))]
-        shape = latent_shape(self.vae, *np.asarray(batch["frames"]).shape[1:4])[1:]
-        pairs = _stack([pair for pairs in rows for pair in pairs], batch, shape)
-        name = write_pair_file(pairs, self.cfg.output, Storage(self.cfg.storage))
-        return {"file": np.array([name] * len(pairs["dimension"]), dtype=object),
-                "dimension": np.asarray(pairs["dimension"], dtype=object)}
+        pairs = [pair for i in range(len(batch["video_id"])) for pair in self._pairs_of(_row(batch, i))]
+        if not pairs:
+            return {"file": np.array([], dtype=object), "dimension": np.array([], dtype=object)}
+        columns = {k: np.stack([np.asarray(p[k]) for p in pairs]) for k in PAIR_COLUMNS}
+        name = write_pair_file(columns, self.cfg.output, Storage(self.cfg.storage))
+        return {"file": np.array([name] * len(pairs), dtype=object),
+                "dimension": np.asarray(columns["dimension"], dtype=object)}
 
     @torch.no_grad()
     def sample_candidates(self, clip: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
@@ -137,17 +136,6 @@ def pick_pair(scores: dict[str, np.ndarray], dimension: str, min_margin: float,
 
 def _row(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return {k: v[i] for k, v in batch.items()}
-
-
-def _stack(pairs: list[dict[str, Any]], batch: dict[str, np.ndarray], latent: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Pair dicts -> columns; an empty batch keeps every column with 0 rows and the right trailing shape."""
-    if pairs:
-        return {k: np.stack([np.asarray(p[k]) for p in pairs]) for k in PAIR_COLUMNS}
-    empty = {k: np.asarray(batch[k])[:0] for k in CONDITION_COLUMNS + ["video_id", "clip_index", "identity_id"]}
-    empty.update(dimension=np.array([], dtype=object), margin=np.zeros(0, np.float32),
-                 winner_latents=np.zeros((0, *latent), np.float32), loser_latents=np.zeros((0, *latent), np.float32),
-                 winner_reward=np.zeros(0, np.float32), loser_reward=np.zeros(0, np.float32))
-    return empty
 
 
 def build_dataset(cfg: PreferencesConfig):
