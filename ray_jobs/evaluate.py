@@ -46,6 +46,7 @@ from model.conditions import Conditions
 from core.config import StrictConfig
 from core.storage import Storage, StorageConfig
 from model.metrics import EXTRA_METRICS, flicker, lip_sync, motion_error, pck, pose_error, psnr, ssim
+from model.precision import Precision
 from model.sampling import SamplerSpec
 
 __all__ = ["VAE_ROUND_TRIP", "GROUND_TRUTH", "COPY_REFERENCE", "Variant", "ClipTruth", "heldout_clips",
@@ -264,6 +265,7 @@ class EvaluateConfig(StrictConfig):
     output: str = Field("outputs/evaluate", description="folder for metrics.json and grid.mp4, local or s3://")
     seed: int = Field(0, ge=0, description="noise seed of clip i is seed + i")
     device: str = Field("cpu", description="torch device for the model, VAE and detector")
+    precision: Precision = Field("auto", description="model weights: auto = bf16 on cuda, fp32 on CPU (model.precision)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
     fps: float = Field(16.0, gt=0, description="grid video frame rate when the clips do not say")
     metrics: list[str] = Field(default_factory=list, description="extra columns: 'package.module:function' of "
@@ -294,10 +296,12 @@ def extra_metric(path: str) -> Callable:
 def model_variant(cfg: EvaluateConfig, storage: Storage) -> Variant:
     """The row of ``cfg.model``: the export rebuilt from its card, sampled as the card says (steps/guidance overridable)."""
     from artifacts.exports import load_export
+    from model.precision import cast_model, precision_dtype
     from model.presets import ModelConfig
 
     uri = ModelConfig(pretrained_path=cfg.model).pretrained_path  # builtin:NAME -> model/assets/NAME
     loaded = load_export(uri, storage, cfg.device)
+    cast_model(loaded.model, precision_dtype(cfg.precision, cfg.device))
     spec = loaded.sampler
     if cfg.steps is not None:
         spec = spec.consistency_at(cfg.steps) if spec.kind == "consistency" else spec.with_steps(cfg.steps)

@@ -184,7 +184,8 @@ class Animator:
     async def animate(self, request: AnimationRequest) -> dict[str, Any]:
         """Sync path: MP4 bytes and figures (face: `FaceReport.as_dict`)."""
         mp4, animation = await self._animate(request, None)
-        return {"mp4": mp4, "nfe": animation.nfe, "seconds": animation.seconds, "face": animation.face.as_dict()}
+        return {"mp4": mp4, "nfe": animation.nfe, "seconds": animation.seconds, "face": animation.face.as_dict(),
+                "precision": self.engine.precision}
 
     async def run_job(self, job_id: str, request: AnimationRequest) -> str:
         """Async path: progress and result go to the job record; never raises (the record carries the error)."""
@@ -338,7 +339,7 @@ class Ingress:
             logger.exception("generation failed")
             return _error(500, None, f"generation failed: {type(exc).__name__}")
         headers = {"X-NFE": str(result["nfe"]), "X-Generate-Seconds": f"{result['seconds']:.3f}",
-                   "X-Frames": str(request.num_frames), **_face_headers(result["face"])}
+                   "X-Frames": str(request.num_frames), "X-Precision": result["precision"], **_face_headers(result["face"])}
         return Response(result["mp4"], media_type="video/mp4", headers=headers)
 
     async def _async(self, request: AnimationRequest) -> JSONResponse:

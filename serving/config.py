@@ -16,8 +16,10 @@ from artifacts.card import ModelCard
 from core.config import StrictConfig
 from core.storage import Storage, StorageConfig
 from model.face import FaceCropConfig
+from model.precision import Precision
 from model.presets import BUILTIN_PREFIX, VAE_GEOMETRY, ModelConfig
 from model.sampling import SamplerSpec
+from model.vae import VAEConfig
 
 __all__ = ["LimitsConfig", "DeploymentKnobs", "ServeAppConfig", "ServedModel", "resolve_served"]
 
@@ -104,6 +106,10 @@ class ServeAppConfig(StrictConfig):
     retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 on overload")
     job_stale_s: float = Field(600.0, gt=0, description="a queued/running job not updated this long is reported failed (replica lost)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the replica has a GPU")
+    precision: Precision = Field("auto", description="denoiser weights: auto = bf16 on a GPU, fp32 on CPU; Wan's "
+                                 "fp32 modules (norms, time embedder) stay fp32 (model.precision)")
+    vae: VAEConfig = Field(default_factory=VAEConfig, description="how the VAE runs (dtype, tiling, chunks); its "
+                           "folder is the card's, so vae.path stays unset")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (None = torch default)")
     warmup: bool = Field(True, description="run one tiny generation when a replica starts")
 
@@ -132,6 +138,8 @@ class ServeAppConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeAppConfig":
+        if self.vae.path is not None:
+            raise ValueError("vae.path is the model card's (model.vae_path); set only how the VAE runs here")
         if self.model.pretrained_path is not None:
             raise ValueError("give the model folder as `export` (its card says how to load and sample it), "
                              "not model.pretrained_path")

@@ -40,6 +40,7 @@ import torch
 
 from artifacts.exports import load_export
 from artifacts.models import load_vae
+from model.precision import cast_model, precision_dtype
 from core.media import mux_mp4
 from core.storage import Storage
 from model.audio import audio_features
@@ -121,10 +122,10 @@ class AnimationEngine:
             self.model, self.adapter_switch = loaded.model, loaded.adapter_switch
         else:
             self.model = build_denoiser(cfg.model).to(self.device).eval()
-        self.model.requires_grad_(False)
+        cast_model(self.model, precision_dtype(cfg.precision, self.device)).requires_grad_(False)
         self.audio = self.served.card.model.audio
         self.height, self.width = self.served.height, self.served.width
-        self.vae = load_vae(self.served.card.model.vae_path, self.storage, self.device)
+        self.vae = load_vae(self.served.card.model.vae_path, self.storage, self.device, config=cfg.vae)
         if self.vae.temporal_factor != self.served.temporal_factor:  # the ingress counts frames with the card's
             raise ValueError(f"the VAE's temporal factor {self.vae.temporal_factor} != preset "
                              f"{self.served.card.model.preset!r}'s {self.served.temporal_factor}")
@@ -134,6 +135,12 @@ class AnimationEngine:
         if self.model.config.face_injection and cfg.face.size % (self.vae.spatial_factor * self.model.config.face_patch):
             raise ValueError(f"face.size {cfg.face.size} is not a multiple of the VAE's spatial factor "
                              f"{self.vae.spatial_factor} x the face patch {self.model.config.face_patch}")
+
+    @property
+    def precision(self) -> str:
+        """The denoiser's and the VAE's compute dtypes, e.g. "bf16/fp32" (reported with every answer)."""
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return f"{names[self.model.patch_embedding.weight.dtype]}/{names[self.vae.dtype]}"
 
     # ------------------------------------------------------------------ conditions
     def reference_face(self, request: AnimationRequest) -> ReferenceFace | None:

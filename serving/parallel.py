@@ -69,6 +69,9 @@ class SequenceParallelWorker:
     def warmup(self) -> float:
         return self.engine.warmup()
 
+    def precision(self) -> str:
+        return self.engine.precision
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -79,6 +82,7 @@ class ParallelEngine:
     def __init__(self, cfg: ServeAppConfig, served: ServedModel) -> None:
         self.cfg, self.served = cfg, served
         self.workers: list[Any] = []
+        self.precision = ""  # the workers' engines' (`AnimationEngine.precision`), asked once they are up
         self._start()
 
     def _start(self) -> None:
@@ -93,6 +97,7 @@ class ParallelEngine:
                         for rank in range(size)]
         address = ray.get(self.workers[0].address.remote())
         ray.get([w.join.remote(address) for w in self.workers])
+        self.precision = ray.get(self.workers[0].precision.remote())
         logger.info("sequence-parallel group of %d workers ready at %s", size, address)
 
     def restart(self) -> None:

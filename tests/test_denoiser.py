@@ -312,3 +312,33 @@ def test_a_bf16_model_takes_fp32_inputs_and_answers_in_their_dtype():
     assert velocity.dtype == aux.dtype == torch.float32
     error = (velocity - reference).abs().mean() / reference.abs().mean()
     assert 0 < error < 0.05  # bf16 rounding, not a different computation
+
+
+def test_cast_model_keeps_wans_fp32_modules_and_runs_from_fp32_inputs():
+    """`cast_model` puts the model in bf16 except what Wan keeps in fp32 (norms, time embedder,
+    scale-shift tables, rope), as diffusers' from_pretrained(torch_dtype=bf16) does; the mixed model
+    runs from fp32 inputs and answers in fp32."""
+    from model.conditions import Conditions
+    from model.precision import cast_model, precision_dtype
+
+    assert precision_dtype("auto", "cpu") == torch.float32 and precision_dtype("bf16", "cpu") == torch.bfloat16
+    assert precision_dtype("auto", "cuda") == torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    cond = Conditions(ref_latent=torch.randn(1, 16, 1, 16, 16, generator=gen),
+                      pose=torch.rand(1, 3, 8, 64, 64, generator=gen) * 2 - 1,
+                      audio=torch.randn(1, 8, 6, 32, generator=gen), face=torch.randn(1, 16, 1, 8, 8, generator=gen))
+    x = torch.randn(1, 16, 8, 16, 16, generator=gen)
+    full = build_denoiser(ModelConfig()).eval()
+    _wake_zero_inits(full)
+    mixed = cast_model(build_denoiser(ModelConfig()).eval(), torch.bfloat16)
+    mixed.load_state_dict(full.state_dict())
+    dtypes = {n: p.dtype for n, p in mixed.named_parameters()}
+    assert dtypes["scale_shift_table"] == dtypes["blocks.0.scale_shift_table"] == torch.float32
+    assert dtypes["blocks.0.norm2.weight"] == torch.float32
+    assert all(d == torch.float32 for n, d in dtypes.items() if "time_embedder" in n)
+    assert dtypes["patch_embedding.weight"] == dtypes["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    with torch.no_grad():
+        reference = full(x, torch.tensor([0.5]), cond)
+        velocity = mixed(x, torch.tensor([0.5]), cond)
+    assert velocity.dtype == torch.float32
+    assert 0 < ((velocity - reference).abs().mean() / reference.abs().mean()) < 0.05

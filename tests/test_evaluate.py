@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"variant", "nfe", "seconds", "psnr", "ssim", "pose_error", "pck", "mouth_sync", "flicker", "motion_error"}
@@ -66,6 +67,9 @@ def test_student_folder_gets_the_consistency_sampler(tmp_path):
     assert variant.spec.consistency_edges().tolist() == pytest.approx(meta["edges"])
     two = model_variant(EvaluateConfig(model=str(student), steps=2), Storage())
     assert two.spec.consistency_edges().tolist() == [0.0, 0.5, 1.0] and two.spec.nfe == 2
+    assert two.model.patch_embedding.weight.dtype == torch.float32  # precision auto on CPU
+    half = model_variant(EvaluateConfig(model=str(student), precision="bf16"), Storage()).model
+    assert half.patch_embedding.weight.dtype == torch.bfloat16 and half.scale_shift_table.dtype == torch.float32
     teacher = model_variant(EvaluateConfig(model=str(_random_teacher(tmp_path / "teacher")), steps=3), Storage())
     assert teacher.spec.kind == "euler_cfg" and (teacher.spec.steps, teacher.spec.guidance, teacher.spec.shift) == (3, 1.5, 1.0)
 

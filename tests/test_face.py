@@ -130,3 +130,18 @@ def test_the_clips_own_faces_never_reach_the_model(preprocessed):
     for columns in (TEACHER_COLUMNS, TPO_COLUMNS, CONDITION_COLUMNS):
         assert "ref_face_latent" in columns and "has_ref_face" in columns
         assert not {"face_crops", "face_boxes", "has_face", "face_latents"} & set(columns), columns
+
+
+def test_the_vae_stage_runs_in_its_own_dtype(preprocessed):
+    """`vae.dtype` (a `model.vae.VAEConfig` field, the same the server takes) reaches the encoder:
+    bf16 latents are fp32 ones up to bf16 rounding, not another computation."""
+    from ray_jobs.preprocess import udfs
+
+    encoder, clips, cfg = preprocessed
+    half = udfs.VaeEncoder(cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"dtype": "bfloat16"})}))
+    assert encoder.vae.dtype == torch.float32 and half.vae.dtype == torch.bfloat16
+    batch = {k: v[:2] for k, v in clips.items()}
+    full, low = encoder({**batch})["latents"], half({**batch})["latents"]
+    assert low.dtype == np.float32 and low.shape == full.shape
+    error = np.abs(low - full).mean() / np.abs(full).mean()
+    assert 0 < error < 0.05

@@ -121,6 +121,7 @@ def serve_urls(s3_server, tiny_vae, tmp_path_factory):
 
         local_args = _args(tiny_vae, str(local_out))
         local_args["animator"]["batch_wait_timeout_s"] = 5.0  # only ever waited for while others are in flight
+        local_args.update(precision="bf16", vae={"dtype": "bfloat16"})  # bf16 on CPU: the GPU default's code path
         serve.run_many([RunTarget(build_app(s3_args), name="s3", route_prefix="/s3"),  # both start in parallel
                         RunTarget(build_app(local_args), name="local", route_prefix="/local")])
         try:
@@ -320,7 +321,11 @@ def test_idle_replica_runs_a_lone_request_without_waiting_to_fill_a_batch(serve_
     elapsed = time.monotonic() - start
     assert response.status_code == 200, response.text
     assert elapsed < 4.0, f"lone request took {elapsed:.1f} s: it waited for a batch"
-    assert _probe_mp4(response.content, tmp_path)[1].shape[0] == 4
+    frames = _probe_mp4(response.content, tmp_path)[1]
+    assert frames.shape[0] == 4 and frames.std() > 1  # /local runs in bf16 (denoiser and VAE): a real video
+    assert response.headers["X-Precision"] == "bf16/bf16"
+    assert _post(serve_urls["s3"], {"image": ("ref.png", _png(), "image/png")}, {"frames": 4, "steps": 1}
+                 ).headers["X-Precision"] == "fp32/fp32"  # auto on CPU
 
 
 def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_path):

@@ -288,7 +288,8 @@ def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, r
         "model": {"pretrained_path": random_teacher, "vae_path": tiny_vae_dir},
         "sampling": {"num_candidates": 3, "steps": 2, "guidance": 1.0},
         "rewards": {"motion": "ray_jobs.preferences.rewards:gt_motion", "fidelity": "gt_fidelity"},  # resolved in the actor
-        "storage": {"endpoint_url": s3_server.endpoint_url}, "actors": {"num_cpus": 0.5}})
+        "storage": {"endpoint_url": s3_server.endpoint_url}, "actors": {"num_cpus": 0.5},
+        "precision": "bf16"})  # the GPU default's code path, on CPU
     manifest = run(cfg)
     storage = Storage(cfg.storage)
     assert storage.read_json(f"{output}/manifest.json") == json.loads(json.dumps(manifest))
@@ -311,6 +312,7 @@ def test_pairs_job_writes_pairs_and_manifest_to_s3(small_shards, tiny_vae_dir, r
         assert row["margin"] > 0 and np.isclose(row["winner_reward"] - row["loser_reward"], row["margin"], atol=1e-5)
         assert row["ref_latent"].shape == (16, 1, 16, 16) and row["pose"].dtype == np.uint8
         assert row["ref_face_latent"].shape == (16, 1, 8, 8) and row["has_ref_face"]  # the reference's face only
+    assert np.isfinite(rows[0]["winner_latents"]).all() and rows[0]["winner_latents"].std() > 0.1  # bf16 sampled
 
 
 def _synthetic_pairs(shards: str, out: str) -> int:

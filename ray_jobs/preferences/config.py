@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from core.config import StrictConfig
+from model.precision import Precision
 from model.presets import ModelConfig
 from core.storage import StorageConfig
 from ray_jobs.common import RayConfig
@@ -57,6 +58,7 @@ class PreferencesConfig(StrictConfig):
                     "(that dimension's reward units), so an expert is never taught to trade one dimension for another",
     )
     seed: int = 0
+    precision: Precision = Field("auto", description="teacher weights: auto = bf16 on GPU, fp32 on CPU (model.precision)")
     actors: ActorSection = Field(default_factory=ActorSection)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

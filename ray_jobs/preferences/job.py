@@ -42,11 +42,13 @@ class CandidateScorer:
     def __init__(self, cfg_json: dict[str, Any]):
         from artifacts.exports import read_export_card
         from artifacts.models import load_denoiser, load_vae
+        from model.precision import cast_model, precision_dtype
 
         self.cfg = PreferencesConfig.model_validate(cfg_json)
         storage = Storage(self.cfg.storage)
         self.device = torch.device("cuda" if self.cfg.actors.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        self.model = load_denoiser(self.cfg.model, storage).to(self.device).eval()
+        model = load_denoiser(self.cfg.model, storage).to(self.device).eval()
+        self.model = cast_model(model, precision_dtype(self.cfg.precision, self.device))
         self.vae = load_vae(self.cfg.model.vae_path, storage, device=self.device)
         self.spec = candidate_spec(self.cfg, read_export_card(self.cfg.model.pretrained_path, storage))
         self.rewards = {dim: get_reward(name) for dim, name in self.cfg.rewards.items()}

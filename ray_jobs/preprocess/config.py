@@ -10,6 +10,7 @@ from model.audio import AudioFeatureConfig
 from core.config import StrictConfig
 from model.face import FaceCropConfig
 from core.storage import StorageConfig
+from model.vae import VAEConfig
 from ray_jobs.common import RayConfig
 
 __all__ = ["PreprocessConfig", "VaeStageConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",
@@ -67,11 +68,13 @@ class FaceStageConfig(FaceCropConfig):
         return self
 
 
-class VaeStageConfig(StrictConfig):
-    """VAE latents on an actor pool (`ActorPoolStrategy`); one GPU per actor when the cluster has GPUs."""
+class VaeStageConfig(VAEConfig):
+    """VAE latents on an actor pool (`ActorPoolStrategy`); one GPU per actor when the cluster has GPUs.
+
+    Which VAE and how it runs (``path``, ``dtype``, ``tiling``, chunk sizes) are `model.vae.VAEConfig`'s
+    fields, the same the server takes; the rest is the pool."""
 
     enabled: bool = Field(True, description="encode frames, ref frame and face crops to latents")
-    path: str | None = Field(None, description="AutoencoderKLWan folder (local or s3://); None = tiny checked-in VAE")
     min_actors: int = Field(1, ge=1, description="actor pool min_size")
     max_actors: int = Field(1, ge=1, description="actor pool max_size")
     batch_size: int = Field(8, ge=1, description="clips per VAE call")

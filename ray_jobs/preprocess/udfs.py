@@ -464,10 +464,12 @@ class VaeEncoder:
         import torch
 
         from artifacts.models import load_vae
+        from model.vae import VAEConfig
 
         self.cfg = cfg
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = load_vae(cfg.vae.path, Storage(cfg.storage), device=device)
+        runtime = VAEConfig.model_validate(cfg.vae.model_dump(include=set(VAEConfig.model_fields)))
+        self.vae = load_vae(cfg.vae.path, Storage(cfg.storage), device=device, config=runtime)
         if self.vae.spatial_factor != cfg.latent_spatial_factor:
             raise ValueError(f"VAE spatial factor {self.vae.spatial_factor} != latent_spatial_factor "
                              f"{cfg.latent_spatial_factor}: motion masks would not match the latents")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.config import StrictConfig
+from model.precision import Precision
 from model.presets import ModelConfig
 from core.storage import StorageConfig
 from ray_jobs.common import RayConfig, WorkerScaling
@@ -39,7 +40,7 @@ class DeepSpeedSection(StrictConfig):
     """DeepSpeed settings; the JSON config is generated from these (see `deepspeed_config`)."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage; 2 by default, 1 and 3 selectable")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    precision: Precision = Field("auto", description="auto = bf16 on GPU, fp32 on CPU (model.precision)")
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_clipping: float = Field(1.0, ge=0)
     raw_override: dict[str, Any] = Field(

@@ -22,12 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(section: DeepSpeedSection, use_gpu: bool) -> str:
-    """'auto' means bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
-    if section.precision == "auto":
-        return "bf16" if use_gpu else "fp32"
-    if section.precision == "bf16" and not use_gpu:
-        log.warning("bf16 requested on CPU: it works but is slow; fp32 is the CPU default")
-    return section.precision
+    """The section's precision as `model.precision.resolve_precision` reads it (auto = bf16 on GPU, fp32 on CPU)."""
+    from model.precision import resolve_precision as resolve
+
+    return resolve(section.precision, use_gpu)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
