@@ -1,10 +1,11 @@
-"""Loading model folders from anywhere: remote (``s3://``) ones are copied down with the caller's storage.
+"""Loading model folders from anywhere: remote (``s3://``) ones come from the node's model cache.
 
 `model/` reads local folders only (`model.presets.build_denoiser`, `model.vae.load_vae`,
 `model.perception.load_perception`); these wrappers take the job's or server's `Storage` (its
 endpoint, credentials, region), so a configured ``storage.endpoint_url`` is never silently dropped.
-The copy is a temporary folder that is gone when the load returns: every loader reads its weights
-into memory.
+A remote folder is downloaded once per node into `core.model_cache` (keyed by its objects' ETags,
+shared by every rank and replica on the node, kept after the load for the next one; its size is
+capped by ``storage.model_cache_max_entries`` / ``model_cache_max_gb``), not once per load.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from core.storage import Storage
+from core.model_cache import cached_folder
+from core.storage import MANIFEST_NAME, Storage, StorageError
 from model.denoiser import AnimationDenoiser
 from model.perception import PuppetPerception
 from model.presets import ModelConfig, build_denoiser
@@ -26,16 +28,19 @@ __all__ = ["local_folder", "load_denoiser", "load_vae", "load_perception"]
 
 @contextmanager
 def local_folder(path: str, storage: Storage, require_manifest: bool = False) -> Iterator[Path]:
-    """``path`` itself when local; a temporary copy of a remote folder (removed on exit) otherwise.
+    """``path`` itself when local; the node-local cached copy of a remote folder otherwise (kept on exit).
 
     ``require_manifest=False`` by default: a folder uploaded with a plain ``aws s3 sync`` (no
-    ``_MANIFEST.json``) is a valid model folder too.
+    ``_MANIFEST.json``) is a valid model folder too. The cache entry stays locked (shared) while the
+    caller is inside, so a prune by another process cannot delete the files being read.
     """
     if not storage.is_s3(path):
         yield Path(path)
         return
-    with storage.local_copy(path, require_manifest=require_manifest) as local:
-        yield Path(local)
+    if require_manifest and not storage.exists(storage.join(path, MANIFEST_NAME)):
+        raise StorageError(f"{path}: no {MANIFEST_NAME} (incomplete or not written by upload_dir)")
+    with cached_folder(storage, path) as local:
+        yield local
 
 
 def load_denoiser(cfg: ModelConfig, storage: Storage) -> AnimationDenoiser:

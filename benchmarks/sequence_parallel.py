@@ -106,7 +106,12 @@ CLIPS = {"81x480x832": (21, 30 * 52), "81x720x1280": (21, 45 * 80)}  # latent fr
 
 
 def paper_plan(gpus_per_node: int = 8) -> list[dict]:
-    """Tokens, FLOPs, all-to-all bytes and memory per GPU at Wan geometry, per SP degree (assumptions in docs/scale.md)."""
+    """Tokens, FLOPs, all-to-all bytes and memory per GPU at Wan geometry, per SP degree (assumptions in docs/scale.md).
+
+    Activation bytes come from `ray_jobs.memory_plan` (the one place they are defined; its full per-job
+    plan adds the EMA, frozen copies, the embedding and the pose encoder: docs/scale.md, memory plan)."""
+    from ray_jobs.memory_plan import block_bytes, checkpoint_bytes, serve_block_bytes
+
     rows = []
     for name, m in WAN.items():
         for clip, (frames, per_frame) in CLIPS.items():
@@ -120,15 +125,15 @@ def paper_plan(gpus_per_node: int = 8) -> list[dict]:
                 if m["heads"] % sp:
                     continue
                 local = tokens / sp
-                checkpoints_gb = blocks * local * d * 2 / 1e9  # one bf16 hidden per block (gradient checkpointing)
-                block_gb = local * (30 * d + 4 * ffn) * 2 / 1e9  # one block recomputed + its backward
+                checkpoints_gb = checkpoint_bytes(blocks, local, d) / 1e9  # the assumptions: ray_jobs.memory_plan
+                block_gb = block_bytes(local, d, ffn) / 1e9
                 a2a_gb = 2 * blocks * 4 * local * d * 2 * (sp - 1) / sp / 1e9  # q,k,v,o each way, forward + backward
                 rows.append({"model": name, "clip": clip, "tokens": tokens, "sp": sp,
                              "attention_tflops_fwd": round(attn_flops / 1e12, 1),
                              "linear_tflops_fwd": round(linear_flops / 1e12, 1),
                              "all_to_all_gb_per_rank_per_step": round(a2a_gb, 2),
                              "train_gb_per_gpu": round(states_gb + checkpoints_gb + block_gb, 1),
-                             "serve_gb_per_gpu": round(2 * m["params"] / 1e9 + local * (4 * d + ffn) * 2 / 1e9, 1)})
+                             "serve_gb_per_gpu": round(2 * m["params"] / 1e9 + serve_block_bytes(local, d, ffn) / 1e9, 1)})
     return rows
 
 

@@ -64,6 +64,14 @@ class StorageConfig(StrictConfig):
     multipart_chunk_mb: int = Field(64, ge=5, le=5120, description="part size; S3 needs >= 5 MiB per part")
     max_concurrency: int = Field(4, ge=1, le=64, description="parallel part transfers per file")
     presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600, description="default presigned URL lifetime")
+    model_cache_dir: str | None = Field(
+        None, description="node-local cache of s3:// model folders, shared by every process on the node "
+        "(core.model_cache); None = <system temp dir>/human-animation-model-cache, resolved when first used")
+    model_cache_max_entries: int = Field(
+        4, ge=1, description="after a download, least recently used cache entries beyond this many are deleted")
+    model_cache_max_gb: float | None = Field(
+        None, gt=0, description="after a download, least recently used entries are deleted until the cache "
+        "holds at most this many GB (the entry just downloaded is always kept); None = count cap only")
 
     @field_validator("endpoint_url")
     @classmethod
@@ -425,6 +433,25 @@ class Storage:
         with self._s3_errors("list", uri):
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             return {obj["Key"][len(prefix):]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
+
+    def object_versions(self, uri: str | os.PathLike) -> dict[str, dict[str, Any]]:
+        """Relative path -> ``{"etag", "size"}`` of every object under an ``s3://`` folder/prefix (one listing).
+
+        What identifies a remote folder's content without reading it: `core.model_cache` keys on it.
+        """
+        text = os.fspath(uri)
+        if not self.is_s3(text):
+            raise StorageError(f"object_versions {text} failed: only s3:// prefixes have ETags")
+        bucket, key = _split_s3(text)
+        prefix = key.rstrip("/") + "/" if key else ""
+        with self._s3_errors("list", text):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return {obj["Key"][len(prefix):]: {"etag": obj["ETag"], "size": obj["Size"]}
+                    for page in pages for obj in page.get("Contents", [])}
+
+    def resolved_endpoint(self) -> str | None:
+        """The S3 endpoint this storage talks to (config, AWS settings, or None = AWS itself)."""
+        return self._endpoint_and_region()[0]
 
     # ---------------------------------------------------------------- delete
     def delete(self, uri: str | os.PathLike) -> None:
