@@ -13,13 +13,19 @@ Objective (/work/shared/PAPERS.md, DanceLCM; PCM phased form), per training clip
 5. aux head: x̂0_aux from the student's features vs the real latents, L_aux (weight λ), same weighting.
 Every component has a switch in `objective` (aux, motion_loss, face, teacher_cfg, segments).
 
-Target network under ZeRO: the target θ⁻ is a frozen full copy of the student module on every
-worker, lerped from the live student after each optimizer step (lazily, at the start of the next
-micro-step, detected by `engine.global_steps`). That needs the full student parameters on each rank,
-true for ZeRO 0-2 (they partition optimizer state / gradients only). With ZeRO-3 every step would
-have to gather all parameters (`deepspeed.zero.GatheredParameters`), which defeats ZeRO-3's purpose,
-so the config rejects zero_stage 3 loudly. The target is part of each rank's checkpoint (the task's
-`state_dict`, saved by the shared loop as task_rank{r}.pt), so a resume continues the same EMA.
+Two formulations (``student.mode``):
+* ``lora`` (the one for real scale): ONE base network, the frozen teacher. The student is a LoRA
+  adapter ("student") on it, the EMA target θ⁻ a second adapter ("target") holding the EMA of the
+  student's adapter, and the teacher is the base with adapters off (or the TPO experts, loaded as
+  adapters of the same base and routed per σ). A worker holds one base model plus adapters, not three
+  models; ZeRO-3 works (the target EMA lerps each rank's own partitions, shapes being equal).
+* ``full``: the student is a full copy of the teacher, the target a frozen full copy of the student
+  on every worker, the teacher a third model. The target is lerped from the live student after each
+  optimizer step, which needs the full student parameters on each rank: ZeRO 0-2 only (ZeRO-3 would
+  gather every parameter every step), rejected loudly.
+Either way the target is EMA-updated lazily, at the start of the next micro-step (detected by
+`engine.global_steps`), and is part of each rank's checkpoint (the task's `state_dict`, saved by the
+shared loop as task_rank{r}.pt), so a resume continues the same EMA.
 
 Export (`artifacts.exports.export_student`): full student -> a diffusers folder; LoRA student -> the
 peft adapter (`adapter/`) over the teacher; both with the model card (`student_card`: consistency
@@ -39,7 +45,7 @@ import torch
 from pydantic import Field, model_validator
 
 from artifacts.card import DataCard, ModelCard, check_data_matches_model
-from artifacts.exports import export_student
+from artifacts.exports import STUDENT_ADAPTER, export_student
 from core.storage import Storage
 from model.conditions import CONDITION_NAMES, Conditions
 from model.sampling import SamplerSpec
@@ -55,7 +61,8 @@ from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
 __all__ = ["DistillObjective", "StudentSection", "TeacherSource", "DistillConfig", "DistillTask",
-           "teacher_jump", "distill_losses", "update_target", "student_card", "run", "main"]
+           "teacher_jump", "distill_losses", "update_target", "update_target_adapter", "with_adapter", "TARGET_ADAPTER",
+           "check_shared_base", "student_card", "run", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +158,10 @@ class DistillConfig(TrainJobConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
-        if self.deepspeed.zero_stage == 3:
-            raise ValueError("distillation supports ZeRO <= 2: the EMA target network needs the full student on every "
-                             "rank each step (see ray_jobs.distill_lcm docstring); use zero_stage 1 or 2")
+        if self.deepspeed.zero_stage == 3 and self.student.mode == "full":
+            raise ValueError("a full-copy student supports ZeRO <= 2: its EMA target network needs the full student "
+                             "on every rank each step (see ray_jobs.distill_lcm docstring); use student.mode=lora "
+                             "(one shared base, ZeRO-3 allowed) or zero_stage 1 or 2")
         return self
 
     def student_model_config(self) -> ModelConfig:
@@ -251,9 +259,49 @@ def update_target(target: torch.nn.Module, student: torch.nn.Module, decay: floa
             own[name].lerp_(param.detach().to(own[name].dtype), 1.0 - decay)
 
 
+TARGET_ADAPTER = "target"  # the EMA target θ⁻ of a LoRA student: a second adapter on the shared base
+
+
+def with_adapter(module: torch.nn.Module, name: str | None, call: Any = None) -> Any:
+    """A model fn that activates adapter ``name`` of ``module`` (None = base only) then runs ``call``
+    (default the module itself; e.g. the DeepSpeed engine wrapping it, for the trained pass)."""
+    from model.denoiser import use_adapter
+
+    run = call if call is not None else module
+
+    def model_fn(*args: Any, **kwargs: Any) -> Any:
+        use_adapter(module, name)
+        return run(*args, **kwargs)
+
+    return model_fn
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: its ZeRO-3 partition when partitioned, else the whole tensor."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+def adapter_pairs(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(target, student) parameter pairs of the two LoRA adapters, matched by name."""
+    params = dict(model.named_parameters())
+    student, target = f".{STUDENT_ADAPTER}.", f".{TARGET_ADAPTER}."
+    pairs = [(params[n.replace(student, target)], p) for n, p in params.items() if "lora_" in n and student in n]
+    if not pairs:
+        raise RuntimeError("the model has no student LoRA adapter")
+    return pairs
+
+
+@torch.no_grad()
+def update_target_adapter(model: torch.nn.Module, decay: float) -> None:
+    """θ⁻ ← d θ⁻ + (1 - d) θ over the student adapter, into the target adapter (per rank partition under ZeRO-3)."""
+    for target, student in adapter_pairs(model):
+        _local(target).lerp_(_local(student).to(_local(target).dtype), 1.0 - decay)
+
+
 # ---------------------------------------------------------------------- the task
 class DistillTask:
-    """DanceLCM on the shared loop: frozen teacher (+TPO adapters), EMA target copy, student = engine."""
+    """DanceLCM on the shared loop: the student is the engine; teacher (+TPO experts) and EMA target are
+    adapters of its base (``student.mode=lora``) or separate full copies (``full``)."""
 
     def __init__(self, cfg: DistillConfig, val_clip: dict[str, np.ndarray] | None, teacher_card: ModelCard,
                  data: DataCard):
@@ -267,37 +315,75 @@ class DistillTask:
         self.grid = fine_solver_grid(cfg.objective.solver_points, cfg.objective.solver_shift)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.teacher_fn: Any = None
-        self.target: torch.nn.Module | None = None
+        self.target_fn: Any = None
+        self.student_fn: Any = None
+        self.target: torch.nn.Module | None = None  # full student only: the target copy
+        self.tpo_plan: list[SegmentPlan] | None = None  # shared base with TPO experts: their σ plan
+        self.engine: Any = None
         self._synced_step = 0
 
+    @property
+    def shared_base(self) -> bool:
+        """LoRA student: teacher, student and target are one base network with adapters (module docstring)."""
+        return self.cfg.student.mode == "lora"
+
     def build_model(self) -> torch.nn.Module:
+        """The student network: the teacher's weights; with a LoRA student, also the teacher (base, TPO
+        experts as adapters) and the target (an adapter initialised equal to the student's)."""
         from artifacts.models import load_denoiser
-        from model.denoiser import lora_config
+        from model.denoiser import lora_config, use_adapter
 
         model = load_denoiser(self.cfg.student_model_config(), Storage(self.cfg.storage))
-        if self.cfg.student.mode == "lora":
+        if self.shared_base:
             st = self.cfg.student
             model.requires_grad_(False)
-            model.add_adapter(lora_config(st.lora_rank, st.lora_alpha, st.lora_targets), "student")
+            self._load_tpo_experts(model)
+            for name in (TARGET_ADAPTER, STUDENT_ADAPTER):
+                model.add_adapter(lora_config(st.lora_rank, st.lora_alpha, st.lora_targets), name)
+            with torch.no_grad():
+                for target, student in adapter_pairs(model):
+                    _local(target).copy_(_local(student))
+            use_adapter(model, STUDENT_ADAPTER)
             for name, param in model.named_parameters():  # the aux head is new: it trains in full
-                param.requires_grad_("lora_" in name or name.startswith("aux_"))
+                param.requires_grad_(f".{STUDENT_ADAPTER}." in name or name.startswith("aux_"))
         model.train()
         return model
+
+    def _load_tpo_experts(self, model: torch.nn.Module) -> None:
+        """With ``teacher.tpo_path``: its experts as adapters of the shared base, their σ plan kept for routing."""
+        from artifacts.exports import load_tpo_adapters, read_export_card
+        from artifacts.models import local_folder
+
+        source, storage = self.cfg.teacher, Storage(self.cfg.storage)
+        if source.tpo_path is None:
+            return
+        card = read_export_card(source.tpo_path, storage)
+        with local_folder(source.tpo_path, storage) as folder:
+            load_tpo_adapters(model, folder, tuple(card.adapters))
+        self.tpo_plan = card.sampler.segments()
 
     def param_groups(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
 
     def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.engine = device, dtype, engine
+        self._synced_step = int(getattr(engine, "global_steps", 0))
+        if self.shared_base:
+            model = engine.module
+            self.teacher_fn = (routed_teacher(model, self.tpo_plan) if self.tpo_plan is not None
+                               else with_adapter(model, None))
+            self.target_fn = with_adapter(model, TARGET_ADAPTER)
+            self.student_fn = with_adapter(model, STUDENT_ADAPTER, engine)  # last: active in backward recompute
+            return
         self.teacher_fn = self._build_teacher()
         group = getattr(engine.module, "sequence_parallel_group", None)
         if group is not None:  # the teacher splits its tokens like the student (the target is a copy: it does too)
             self.teacher.enable_sequence_parallel(group)
         self.target = copy.deepcopy(engine.module).requires_grad_(False).eval()
-        self._synced_step = int(getattr(engine, "global_steps", 0))
+        self.target_fn, self.student_fn = self.target, engine
 
     def _build_teacher(self) -> Any:
-        """The teacher as its export's card builds it; with a TPO export, its experts routed on the card's segments."""
+        """Full student: the teacher as its export's card builds it; with a TPO export, its experts routed on the card's segments."""
         from artifacts.exports import load_export
 
         source = self.cfg.teacher
@@ -308,20 +394,37 @@ class DistillTask:
             return routed_teacher(self.teacher, loaded.sampler.segments())
         return self.teacher
 
+    def _target_tensors(self, engine: Any) -> dict[str, torch.Tensor]:
+        """The target's state: the target adapter's local tensors (shared base) or the full target copy."""
+        if not self.shared_base:
+            return self.target.state_dict()
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        return {names[id(target)]: _local(target) for target, _ in adapter_pairs(engine.module)}
+
     def state_dict(self) -> dict[str, Any]:
-        """The EMA target network and the step it was synced at: restored on resume by the shared loop."""
-        return {"target": self.target.state_dict(), "synced_step": self._synced_step}
+        """The EMA target and the step it was synced at: restored on resume by the shared loop."""
+        return {"target": {n: t.detach().clone() for n, t in self._target_tensors(self.engine).items()},
+                "synced_step": self._synced_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.target.load_state_dict(state["target"])
+        own = self._target_tensors(self.engine)
+        if set(own) != set(state["target"]):
+            raise ValueError("the checkpoint's distillation target does not match this student (mode/adapter changed?)")
+        with torch.no_grad():
+            for name, tensor in state["target"].items():
+                own[name].copy_(tensor)
         self._synced_step = int(state["synced_step"])
 
     def sync_target(self, engine: Any) -> None:
         """EMA-update the target once per optimizer step DeepSpeed took since the last sync."""
         step = int(getattr(engine, "global_steps", self._synced_step))
         student = getattr(engine, "module", engine)
+        decay = self.cfg.objective.target_ema_decay
         for _ in range(step - self._synced_step):
-            update_target(self.target, student, self.cfg.objective.target_ema_decay)
+            if self.shared_base:
+                update_target_adapter(student, decay)
+            else:
+                update_target(self.target, student, decay)
         self._synced_step = step
 
     def micro_step(self, engine: Any, batch: dict[str, torch.Tensor], generator: torch.Generator):
@@ -333,8 +436,8 @@ class DistillTask:
         mask = batch["motion_mask"].to(self.device) if "motion_mask" in batch else None
         if obj.motion_loss and mask is None:
             raise KeyError("objective.motion_loss needs the shard's motion_mask column")
-        return distill_losses(engine, self.target, self.teacher_fn, x0, cond, uncond, self.edges, self.grid, obj,
-                              generator, mask)
+        return distill_losses(self.student_fn, self.target_fn, self.teacher_fn, x0, cond, uncond, self.edges,
+                              self.grid, obj, generator, mask)
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
         export_student(model, weights, out_dir, self.card)
@@ -352,6 +455,14 @@ def check_tpo_matches_teacher(tpo: ModelCard, source: TeacherSource) -> None:
         raise ValueError(f"teacher.tpo_path={source.tpo_path} is a {tpo.kind} export, not a TPO one")
     if tpo.base_model is not None and tpo.base_model.rstrip("/") != source.path.rstrip("/"):
         raise ValueError(f"teacher.tpo_path={source.tpo_path} was trained on {tpo.base_model}, not on teacher.path={source.path}")
+
+
+def check_shared_base(cfg: DistillConfig, teacher: ModelCard) -> None:
+    """A LoRA student shares the teacher's network: it cannot drop a path the teacher has (the teacher's
+    pass would lose it too). New paths are fine: they start as zero-init no-ops and stay frozen."""
+    if cfg.student.mode == "lora" and teacher.model.face_injection and not cfg.objective.face:
+        raise ValueError("student.mode=lora shares the teacher's network, which has face injection: "
+                         "objective.face=false would remove it from the teacher too; use student.mode=full")
 
 
 def student_card(cfg: DistillConfig, data: DataCard) -> ModelCard:
@@ -384,6 +495,7 @@ def run(cfg: DistillConfig):
     if not storage.exists(storage.join(cfg.teacher.path, "config.json")):
         raise FileNotFoundError(f"no teacher export at {cfg.teacher.path} (run ray_jobs.train_teacher first)")
     teacher = read_export_card(cfg.teacher.path, storage)
+    check_shared_base(cfg, teacher)
     if cfg.teacher.tpo_path is not None:
         check_tpo_matches_teacher(read_export_card(cfg.teacher.tpo_path, storage), cfg.teacher)
     data = data_card(cfg.data, storage)

@@ -148,3 +148,37 @@ def test_card_shift_reaches_the_evaluation_variant(unusual_teacher, tmp_path):
     assert variant.spec == spec and variant.name == "teacher"
     fewer = model_variant(EvaluateConfig(model=str(folder), steps=2, guidance=1.0), Storage())
     assert fewer.spec.steps == 2 and fewer.spec.guidance == 1.0 and fewer.spec.shift == 3.0
+
+
+def test_exports_write_tensors_directly_sharded_in_the_given_dtype(tmp_path):
+    """Exports are written from the weights themselves (no second model): a full folder in bf16 safetensors
+    shards with diffusers' index loads back equal to the bf16 weights; an adapter file is byte-for-byte
+    what diffusers' own ``save_lora_adapter`` writes (tensors and LoraConfig metadata)."""
+    from safetensors import safe_open
+
+    from artifacts.exports import write_lora_adapter
+
+    model = _teacher()
+    card = ModelCard(kind="teacher", model=ModelConfig(), frames=FrameGeometry(height=64, width=64),
+                     sampler=SamplerSpec(kind="euler_cfg", steps=2))
+    folder = tmp_path / "sharded"
+    export_denoiser(model, _weights(model), folder, card, dtype=torch.bfloat16, max_shard_size="2MB")
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2 and set(index["weight_map"]) == set(model.state_dict())
+    loaded = load_export(str(folder), Storage()).model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16).float()), name
+
+    model.add_adapter(lora_config(rank=2), adapter_name="motion")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    write_lora_adapter(_weights(model), model, "motion", tmp_path / "ours")
+    copy.deepcopy(model).save_lora_adapter(str(tmp_path / "theirs"), adapter_name="motion")
+    files = [safe_open(str(tmp_path / side / "pytorch_lora_weights.safetensors"), "pt") for side in ("ours", "theirs")]
+    assert set(files[0].keys()) == set(files[1].keys()) and len(list(files[0].keys())) > 0
+    assert all(torch.equal(files[0].get_tensor(k), files[1].get_tensor(k)) for k in files[0].keys())
+    configs = [json.loads(f.metadata()["lora_adapter_metadata"]) for f in files]
+    configs[1]["target_modules"] = sorted(configs[1]["target_modules"])  # theirs: a set's order; ours sorted
+    assert configs[0] == configs[1] and configs[0]["r"] == 2

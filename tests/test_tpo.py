@@ -345,10 +345,15 @@ def test_two_worker_tpo_run_lifts_implicit_accuracy(small_shards, random_teacher
     cfg = TPOConfig.model_validate({
         "data": pairs, "steps": 30, "batch_size": 4, "model": {"pretrained_path": random_teacher},
         "optim": {"lr": 1e-3}, "tpo": {"beta": 500.0, "lora_rank": 4},
-        "checkpoint": {"every_n_steps": 30}, "run": {"name": "tpo", "storage_path": str(tmp_path / "runs")},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}})
+        "checkpoint": {"every_n_steps": 15}, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"name": "tpo", "storage_path": str(tmp_path / "runs"), "fail_at_step": 20, "max_failures": 1}})
     result = run(cfg)
     assert result.metrics["step"] == 30
+    # it failed at step 20 and resumed from step 15's checkpoint, which holds the adapters but not the frozen teacher
+    assert (tmp_path / "runs" / "tpo" / "_injected_failure").exists()
+    checkpoint = sorted((tmp_path / "runs" / "tpo").glob("checkpoint_*"))[0]
+    saved = torch.load(checkpoint / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert saved and all("lora_" in name for name in saved)
     lines = [json.loads(ln) for ln in (tmp_path / "runs" / "tpo" / "metrics.jsonl").read_text().splitlines()]
     late = [ln[f"implicit_acc_{a}"] for ln in lines[-10:] for a in ADAPTERS if f"implicit_acc_{a}" in ln]
     print("implicit accuracy, last 10 steps:", np.mean(late), "first step:", lines[0])
@@ -364,3 +369,23 @@ def test_two_worker_tpo_run_lifts_implicit_accuracy(small_shards, random_teacher
     assert loaded.sampler.tpo_boundary == BOUNDARY and loaded.sampler.nfe == 30  # the teacher card's guidance 1.5: CFG in both
     teacher = loaded.model
     assert any(p.abs().max() > 0 for n, p in teacher.named_parameters() if "lora_B" in n)  # trained, not the zero init
+
+
+def test_tpo_runs_in_bf16_to_its_export(small_shards, random_teacher, tmp_path):
+    """bf16 on CPU (the GPU default's code path) to the final checkpoint and the export, written in the run's precision."""
+    from safetensors.torch import load_file
+
+    from ray_jobs.train_tpo import run
+
+    pairs = str(tmp_path / "pairs")
+    _synthetic_pairs(small_shards, pairs)
+    cfg = TPOConfig.model_validate({
+        "data": pairs, "steps": 1, "batch_size": 2, "model": {"pretrained_path": random_teacher},
+        "tpo": {"lora_rank": 2}, "deepspeed": {"precision": "bf16"}, "checkpoint": {"every_n_steps": 1},
+        "run": {"name": "tpo16", "storage_path": str(tmp_path / "runs")}, "scaling": {"num_workers": 1, "cpus_per_worker": 1}})
+    result = run(cfg)
+    assert result.metrics["step"] == 1 and result.checkpoint is not None and np.isfinite(result.metrics["loss"])
+    for name in ADAPTERS:
+        adapter = load_file(str(tmp_path / "runs" / "tpo16" / "export" / name / "pytorch_lora_weights.safetensors"))
+        assert {v.dtype for v in adapter.values()} == {torch.bfloat16}
+    assert any(v.float().abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # one step moved B off zero

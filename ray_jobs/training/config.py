@@ -68,6 +68,8 @@ class CheckpointSection(StrictConfig):
     every_n_steps: int = Field(50, ge=1, description="DeepSpeed state + exported model every N steps (and at the end)")
     num_to_keep: int | None = Field(2, ge=1, description="Ray Train keeps this many latest checkpoints")
     validate_every_n_steps: int | None = Field(None, ge=1, description="validation sample MP4 + PSNR/SSIM; None = only at the end")
+    export_precision: Precision = Field("auto", description="dtype of the exported weights (safetensors shards "
+                                        "written by rank 0 to {run}/export): auto = the run's precision")
 
 
 class RunSection(StrictConfig):

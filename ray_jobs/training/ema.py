@@ -2,12 +2,13 @@
 
 How the EMA is kept under ZeRO:
 - stages 0-2 keep full parameters on every rank, so every rank holds an fp32 EMA copy of the
-  trainable parameters (identical across ranks; only rank 0's is exported);
+  trainable parameters (identical across ranks): rank 0 alone saves it (``ema.pt``) and every rank
+  loads that one file on resume;
 - stage 3 partitions parameters, so each rank keeps the EMA of its own partition only
-  (`param.ds_tensor`): EMA memory stays sharded like the weights. Export swaps the EMA shards into
-  the partitions, gathers with `deepspeed.zero.GatheredParameters` (a collective: every rank calls
-  `full_state_dict`), reads the full tensors and swaps the live shards back.
-Each rank saves its own `ema_rank{r}.pt` into the checkpoint folder, and loads its own on resume.
+  (`param.ds_tensor`): EMA memory stays sharded like the weights, and each rank saves and loads its
+  own ``ema_rank{r}.pt``. Export swaps the EMA shards into the partitions, gathers a group of
+  parameters at a time (`gathered_on_rank0`, a collective: every rank calls `full_state_dict`) onto
+  rank 0's CPU and swaps the live shards back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,32 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EMA", "warmup_decay"]
+__all__ = ["EMA", "warmup_decay", "gathered_on_rank0"]
+
+GATHER_GROUP_NUMEL = 2**27  # parameters gathered together under ZeRO-3 (bounds the transient full tensors)
+
+
+@torch.no_grad()
+def gathered_on_rank0(named: list[tuple[str, torch.nn.Parameter]], dtype: torch.dtype, rank: int,
+                      group_numel: int = GATHER_GROUP_NUMEL) -> dict[str, torch.Tensor]:
+    """Full tensors of ZeRO-3 partitioned parameters on rank 0 (CPU, ``dtype``), {} elsewhere.
+
+    A collective: every rank calls it with the same list. Parameters are gathered a group of about
+    ``group_numel`` elements at a time, so no rank ever holds the whole model unpartitioned (rank 0 keeps
+    the CPU copies it exports)."""
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    group: list[tuple[str, torch.nn.Parameter]] = []
+    for index, (name, param) in enumerate(named):
+        group.append((name, param))
+        if sum(p.ds_numel for _, p in group) < group_numel and index + 1 < len(named):
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            if rank == 0:
+                out.update({n: p.data.detach().to("cpu", dtype, copy=True) for n, p in group})
+        group = []
+    return out
 
 
 def warmup_decay(decay: float, step: int) -> float:
@@ -66,26 +92,31 @@ class EMA:
         for name, tensor in state["shadow"].items():
             self.shadow[name].copy_(tensor)
 
+    def file_name(self, rank: int) -> str:
+        """Under ZeRO-3 each rank's shard (``ema_rank{r}.pt``); otherwise one file (``ema.pt``, identical on every rank)."""
+        return f"ema_rank{rank}.pt" if self.zero3 else "ema.pt"
+
     def save(self, folder: str | Path, rank: int) -> None:
-        torch.save(self.state_dict(), Path(folder) / f"ema_rank{rank}.pt")
+        """Rank ``rank``'s part into a checkpoint folder: its shard under ZeRO-3, else rank 0 writes the one copy."""
+        if self.zero3 or rank == 0:
+            torch.save(self.state_dict(), Path(folder) / self.file_name(rank))
 
     def load(self, folder: str | Path, rank: int) -> None:
-        self.load_state_dict(torch.load(Path(folder) / f"ema_rank{rank}.pt", map_location="cpu", weights_only=True))
+        path = Path(folder) / self.file_name(rank)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full EMA tensors by parameter name (collective under ZeRO-3: call on every rank)."""
+    def full_state_dict(self, dtype: torch.dtype = torch.float32, rank: int = 0) -> dict[str, torch.Tensor]:
+        """Full EMA tensors by parameter name in ``dtype``; under ZeRO-3 a collective (call on every rank) that
+        gathers a group of parameters at a time and leaves them on ``rank`` 0 only (others get {})."""
         if not self.zero3:
-            return {n: t.clone() for n, t in self.shadow.items()}
-        import deepspeed
-
+            return {n: t.to(dtype, copy=True) for n, t in self.shadow.items()}
         params = [p for _, p in self.named]
         live = [p.ds_tensor.data.clone() for p in params]
         for (name, param) in self.named:
             param.ds_tensor.data.copy_(self.shadow[name].to(param.ds_tensor.dtype))
         try:
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {n: p.data.detach().float().cpu().clone() for n, p in self.named}
+            return gathered_on_rank0(self.named, dtype, rank)
         finally:
             for param, saved in zip(params, live):
                 param.ds_tensor.data.copy_(saved)
