@@ -43,27 +43,29 @@ sees exactly tf frames of pose (temporal conv of stride tf) and tf * W audio tok
 VAE) is the identity grouping.
 
 Text: Wan's text cross-attention (attn2) is kept and fed ``num_context_tokens`` learned prompt
-tokens of ``text_dim`` (no umT5 here); `set_context_tokens` can load an encoded prompt for real
-checkpoints.
+tokens of ``text_dim`` (umT5 is never run here); `set_context_tokens` (or ``ModelConfig.prompt_embedding``)
+starts them from an encoded prompt of any length, which the saved config records.
 
-Loading (see `load_transformer_weights`): every tensor whose name and shape match is loaded
-(blocks, time/text embedders, patch embedding, norm/proj out, scale-shift tables); a wider
-``patch_embedding`` (Wan-Animate's 36 input channels) loads its first ``in_channels`` channels (the
-noisy latent); everything else of ours (ref/pose/audio/face paths, nulls, prompt tokens, aux head) is
-initialised as in ``__init__`` and listed in the returned `LoadReport`; extra tensors of the source
-(Wan-Animate's motion/face encoders and face adapters, I2V image embedder and add_k/add_v
-projections) are listed as unused.
+Loading (see `load_transformer_weights` and `model.loading`, which reads one tensor at a time): every
+tensor whose name and shape match is loaded (blocks, time/text embedders, patch embedding, norm/proj
+out, scale-shift tables); a wider ``patch_embedding`` (Wan I2V / Wan-Animate, 36 input channels =
+16 noisy + 4 mask + 16 image latent) loads its first ``in_channels`` channels (the noisy latent) and,
+where the checkpoint has no ``ref_embedding`` of its own, its image-latent channels start
+``ref_embedding`` (reported as derived); everything else of ours (pose/audio/face paths, nulls, prompt
+tokens, aux head) is initialised as in ``__init__`` (`AnimationDenoiser.init_rule`) and listed in the
+returned `LoadReport`; extra tensors of the source (Wan-Animate's motion/face encoders and face
+adapters, I2V image embedder and add_k/add_v projections) are listed as unused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -127,6 +129,20 @@ def _zero_out(attn: WanAnimateFaceBlockCrossAttention) -> WanAnimateFaceBlockCro
     nn.init.zeros_(attn.to_out.weight)
     nn.init.zeros_(attn.to_out.bias)
     return attn
+
+
+# The parameters __init__ initialises itself rather than through its module's ``reset_parameters``:
+# zero-init paths (a pretrained Wan starts unchanged), learned nulls, prompt tokens, Wan's scale-shift
+# tables. The loaders (`model.loading`) apply them to tensors a checkpoint lacks, on the meta device and
+# under ZeRO-3 (where in-place inits of already partitioned submodules are lost); tests/test_loading.py
+# checks them against __init__. Values: "zeros" or "normal:STD" ("dim" = 1 / sqrt(model dim)).
+_INIT_RULES: tuple[tuple[str, str], ...] = (
+    (r"ref_embedding\.(weight|bias)|pose_encoder\.proj\.(weight|bias)|(audio|face)_attn\.\d+\.to_out\.(weight|bias)"
+     r"|null_(ref|pose|ref_frame)", "zeros"),
+    (r"null_(audio|face)|audio_pos", "normal:0.02"),
+    (r"context_tokens", "normal:1"),
+    (r"(blocks\.\d+\.)?scale_shift_table", "normal:dim"),
+)
 
 
 class AnimationDenoiser(WanTransformer3DModel):
@@ -200,6 +216,18 @@ class AnimationDenoiser(WanTransformer3DModel):
             self.aux_proj = nn.Linear(dim, out_channels * math.prod(patch_size))
         self._sequence_parallel: SequenceParallel | None = None
 
+    def init_rule(self, name: str) -> Callable[[torch.Tensor], Any] | None:
+        """The in-place init ``__init__`` gives parameter ``name`` beyond its module's defaults (see
+        ``_INIT_RULES``), or None when ``reset_parameters`` of its module is all there is."""
+        for pattern, kind in _INIT_RULES:
+            if re.fullmatch(pattern, name):
+                if kind == "zeros":
+                    return nn.init.zeros_
+                std = kind.removeprefix("normal:")
+                dim = self.config.num_attention_heads * self.config.attention_head_dim
+                return functools.partial(nn.init.normal_, mean=0.0, std=dim**-0.5 if std == "dim" else float(std))
+        return None
+
     def enable_sequence_parallel(self, group: Any | None) -> None:
         """Split every forward's tokens by latent frames across the ranks of ``group`` (Ulysses, see
         `model.sequence_parallel`); every rank passes the same inputs and gets the whole output.
@@ -243,10 +271,12 @@ class AnimationDenoiser(WanTransformer3DModel):
         return torch.where(mask, values, null.to(values.dtype).expand_as(values))
 
     def set_context_tokens(self, embeds: torch.Tensor) -> None:
-        """Replace the learned prompt by an encoded one (N, text_dim), e.g. umT5 output for a real checkpoint."""
+        """Replace the learned prompt by an encoded one (N, text_dim), e.g. umT5 output for a real checkpoint.
+        The config records N, so a saved folder reloads (``from_pretrained`` builds N tokens)."""
         if embeds.ndim != 2 or embeds.shape[1] != self.config.text_dim:
             raise ValueError(f"context tokens must be (N, {self.config.text_dim}), got {tuple(embeds.shape)}")
         self.context_tokens = nn.Parameter(embeds.detach().to(self.context_tokens))
+        self.register_to_config(num_context_tokens=int(embeds.shape[0]))
 
     def _ref_tokens(self, cond: Conditions, batch: int, grid: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
         """(B, D, 1, h', w') ref contribution (or its null), broadcast over frames by the caller."""
@@ -423,57 +453,26 @@ def _check_geometry(patch_size, vae_spatial_factor: int, pose_channels, audio_ev
 # ---------------------------------------------------------------------- loading foreign checkpoints
 @dataclass
 class LoadReport:
-    """What `load_transformer_weights` did, by parameter name."""
+    """What `load_transformer_weights` (or a `model.loading` build) did, by parameter name. ``derived``:
+    tensors started from another checkpoint tensor or file (name -> where from), e.g. ``ref_embedding.weight``
+    from a Wan I2V / Animate patch embedding's image-latent channels."""
 
     loaded: list[str]
     sliced: list[str]
     initialised: list[str]
     unused: list[str]
-
-
-def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a diffusers model folder (single file or sharded with an index json)."""
-    from safetensors.torch import load_file
-
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = ["diffusion_pytorch_model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        path = folder / shard
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing (expected a diffusers safetensors folder)")
-        state.update(load_file(str(path)))
-    return state
+    derived: dict[str, str] = field(default_factory=dict)
 
 
 def load_transformer_weights(model: AnimationDenoiser, folder: str | Path) -> LoadReport:
-    """Load a Wan / Wan-Animate / AnimationDenoiser diffusers folder into `model` by name (see module doc)."""
-    source = _read_safetensors_folder(Path(folder))
-    own = model.state_dict()
-    chosen: dict[str, torch.Tensor] = {}
-    report = LoadReport([], [], [], sorted(set(source) - set(own)))
-    for name, target in own.items():
-        tensor = source.get(name)
-        if tensor is None:
-            report.initialised.append(name)
-        elif tensor.shape == target.shape:
-            chosen[name] = tensor
-            report.loaded.append(name)
-        elif _is_wider_patch_embedding(name, tensor, target):
-            chosen[name] = tensor[:, : target.shape[1]]  # Wan-Animate: noisy latent channels come first
-            report.sliced.append(name)
-        else:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(target.shape)}")
-    model.load_state_dict(chosen, strict=False)
+    """Load a Wan / Wan-Animate / AnimationDenoiser diffusers folder into the real `model` by name (see the
+    module doc), one tensor at a time (`model.loading`: no dict of the whole checkpoint)."""
+    from model.loading import SafetensorsSource, fill_model, parameter_shapes, plan_fills
+
+    source = SafetensorsSource.folder(folder)
+    fills, report = plan_fills(parameter_shapes(model), source, model.config.in_channels)
+    fill_model(model, fills, source)
     return report
-
-
-def _is_wider_patch_embedding(name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
-    return (name == "patch_embedding.weight" and tensor.shape[0] == target.shape[0]
-            and tensor.shape[1] > target.shape[1] and tensor.shape[2:] == target.shape[2:])
 
 
 # ---------------------------------------------------------------------- LoRA (peft via diffusers' PeftAdapterMixin)

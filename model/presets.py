@@ -19,6 +19,12 @@ Loading (`build_denoiser` with ``pretrained_path``, a local folder; ``s3://`` on
 * a `WanTransformer3DModel` / `WanAnimateTransformer3DModel` folder: the preset table is used and
   its Wan dims must equal the folder's (loud error otherwise); weights load by name as
   `model.denoiser.load_transformer_weights` documents, and the report is logged.
+* either way the model is built on the meta device and filled one tensor at a time (`model.loading`):
+  no whole-checkpoint dict, peak ~ one model; inside `model.loading.zero3_build` (the training loop
+  under ZeRO-3) it is built under ``deepspeed.zero.Init`` and filled partition by partition instead.
+* prompt tokens: a folder's own ``context_tokens`` are kept, at their length (whatever its config says);
+  otherwise ``prompt_embedding`` (a safetensors file of one (L, text_dim) umT5 output) starts them,
+  with ``num_context_tokens`` = L; otherwise they are random.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from model.audio import AudioFeatureConfig
 from core.config import StrictConfig
-from model.denoiser import AnimationDenoiser, LoadReport, load_transformer_weights
+from model.denoiser import AnimationDenoiser, LoadReport
+from model.loading import (SafetensorsSource, build_on_meta, build_partitioned, current_zero3_build, fill_model,
+                           load_dtype, parameter_shapes, plan_fills)
 
 __all__ = ["ModelConfig", "PRESETS", "preset_kwargs", "build_denoiser", "count_parameters", "VAE_GEOMETRY", "require_local"]
 
@@ -86,6 +94,9 @@ class ModelConfig(StrictConfig):
     face_injection: bool = Field(True, description="face-latent cross-attention path (DanceLCM); False removes it")
     aux_head: bool = Field(False, description="light head predicting clean latents (DanceLCM L_aux)")
     ref_as_frame: bool = Field(False, description="also prepend the ref latent as an extra token frame (Wan-Animate)")
+    prompt_embedding: str | None = Field(None, description="local safetensors file of one (L, text_dim) tensor, an "
+                                         "encoded prompt (umT5 output) the prompt tokens start from where the "
+                                         "weights have none of their own (random init, a Wan folder)")
     gradient_checkpointing: bool = Field(False, description="recompute each block in backward (memory for compute)")
     audio: AudioFeatureConfig = Field(default_factory=AudioFeatureConfig,
                                       description="audio feature geometry; preprocessing and serving compute features with it")
@@ -117,6 +128,12 @@ class ModelConfig(StrictConfig):
         if clashing:
             raise ValueError(f"{sorted(clashing)} are set by their own fields (switches / audio), not overrides")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_sets_its_length(self) -> "ModelConfig":
+        if self.prompt_embedding is not None and "num_context_tokens" in self.overrides:
+            raise ValueError("num_context_tokens is the length of prompt_embedding's tensor; do not also override it")
+        return self
 
 
 def preset_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -171,28 +188,67 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def build_denoiser(cfg: ModelConfig) -> AnimationDenoiser:
-    """Random-init `cfg.preset`, or load the local folder `cfg.pretrained_path` (ours or Wan's; see module doc).
+def build_denoiser(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> AnimationDenoiser:
+    """Random-init `cfg.preset`, or load the local folder `cfg.pretrained_path` (ours or Wan's; see module doc),
+    in ``dtype`` (bf16 keeps the class's ``_keep_in_fp32_modules`` in fp32; under ZeRO-3 DeepSpeed's config decides).
 
     Remote folders are loaded by `artifacts.models.load_denoiser`, which copies them down first.
     """
-    if cfg.pretrained_path is None:
-        model = AnimationDenoiser(**preset_kwargs(cfg))
+    source, kwargs = _source_and_kwargs(cfg)
+    zero = current_zero3_build()
+    if zero is not None:
+        model, report = build_partitioned(kwargs, source or SafetensorsSource({}), zero.config)
+        zero.built.append(str(cfg.pretrained_path or cfg.preset))
+    elif cfg.pretrained_path is None:
+        model, report = AnimationDenoiser(**kwargs), None
+        if source is not None:  # the prompt embedding
+            fill_model(model, plan_fills(parameter_shapes(model), source, model.config.in_channels)[0], source)
+        _cast(model, dtype)
     else:
-        folder = _model_folder(cfg.pretrained_path)
-        folder_config = json.loads((folder / "config.json").read_text())
-        model = AnimationDenoiser(**_kwargs_for_folder(cfg, folder_config))
-        report = load_transformer_weights(model, folder)
+        model, report = build_on_meta(kwargs, source, dtype)
+    if report is not None and cfg.pretrained_path is not None:
         _log_report(cfg.pretrained_path, report)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model
 
 
+def _source_and_kwargs(cfg: ModelConfig) -> tuple[SafetensorsSource | None, dict[str, Any]]:
+    """The tensors to load (folder and/or prompt embedding; None = none) and the `AnimationDenoiser` kwargs."""
+    if cfg.pretrained_path is None:
+        source, kwargs = None, preset_kwargs(cfg)
+    else:
+        folder = _model_folder(cfg.pretrained_path)
+        kwargs = _kwargs_for_folder(cfg, json.loads((folder / "config.json").read_text()))
+        source = SafetensorsSource.folder(folder)
+    own = None if source is None else source.shape("context_tokens")
+    if own is not None:  # the folder's own (trained) prompt, at its length: a stale config must not break it
+        if own[0] != kwargs.get("num_context_tokens"):
+            logger.info("%s: %d prompt tokens in the weights, %s in its config: using %d", cfg.pretrained_path,
+                        own[0], kwargs.get("num_context_tokens"), own[0])
+        if cfg.prompt_embedding is not None:
+            logger.info("%s has its own prompt tokens: prompt_embedding %s not used", cfg.pretrained_path,
+                        cfg.prompt_embedding)
+        return source, {**kwargs, "num_context_tokens": own[0]}
+    if cfg.prompt_embedding is None:
+        return source, kwargs
+    prompt = SafetensorsSource.single_tensor(require_local(cfg.prompt_embedding, "prompt_embedding"), "context_tokens")
+    shape = prompt.shape("context_tokens")
+    if len(shape) != 2 or shape[1] != kwargs["text_dim"]:
+        raise ValueError(f"prompt_embedding {cfg.prompt_embedding} must be (L, text_dim={kwargs['text_dim']}), got {shape}")
+    return (prompt if source is None else source.merged(prompt)), {**kwargs, "num_context_tokens": shape[0]}
+
+
+def _cast(model: AnimationDenoiser, dtype: torch.dtype) -> None:
+    """Parameters in ``dtype`` except what the class keeps in fp32 (`model.loading.load_dtype`)."""
+    for name, param in model.named_parameters():
+        param.data = param.data.to(load_dtype(model, name, dtype))
+
+
 def _log_report(path: str, report: LoadReport) -> None:
-    logger.info("loaded %s: %d tensors loaded, %d sliced %s, %d initialised %s, %d unused %s", path,
-                len(report.loaded), len(report.sliced), report.sliced, len(report.initialised),
-                report.initialised[:20], len(report.unused), report.unused[:20])
+    logger.info("loaded %s: %d tensors loaded, %d sliced %s, %d derived %s, %d initialised %s, %d unused %s", path,
+                len(report.loaded), len(report.sliced), report.sliced, len(report.derived), report.derived,
+                len(report.initialised), report.initialised[:20], len(report.unused), report.unused[:20])
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -4,14 +4,17 @@ A job plugs in a `TrainTask` (build the model, pick trainable parameters, comput
 loss, export weights); this module owns everything around it, identically for every job:
 
 1. DeepSpeed engine from our typed config (ZeRO 1-3, bf16 on GPU / fp32 on CPU, accumulation);
-2. resume from `ray.train.get_checkpoint()` (DeepSpeed state, EMA shards, step, metrics so far);
+2. resume from `ray.train.get_checkpoint()` (DeepSpeed state, EMA, task state, step, metrics so far);
+   of a remote checkpoint each rank downloads only the shared files and its own shards;
 3. batches from `ray.train.get_dataset_shard("train").iter_torch_batches(...)`, epoch after epoch
    (replayed from memory after the first epoch when the worker's rows are small);
 4. per-step metrics (loss, lr, grad norm, samples/s, task metrics) through `ray.train.report` and
    into `{run}/metrics.jsonl` (rank 0);
-5. every `checkpoint.every_n_steps`: each rank's DeepSpeed/EMA files into one Ray Train checkpoint,
-   plus (rank 0) the exported EMA model and `train_state.json`; the export is also published to
-   `{run}/export/` so the next job finds it by run name;
+5. every `checkpoint.every_n_steps`: each rank's DeepSpeed files (frozen parameters left out: a LoRA
+   job's base is rebuilt from its folder), EMA (one file, or one shard a rank under ZeRO-3) and task
+   state into one Ray Train checkpoint, plus (rank 0) `train_state.json`; rank 0 publishes the export
+   (EMA weights in `checkpoint.export_precision`, safetensors shards) to `{run}/export/`, where the
+   next job finds it by run name, never into the checkpoint;
 6. failure injection for tests (`run.fail_at_step`), once per run thanks to a marker object.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,10 +34,10 @@ import torch
 
 from core.storage import Storage
 from ray_jobs.training.config import TrainJobConfig
-from ray_jobs.training.ema import EMA
+from ray_jobs.training.ema import EMA, gathered_on_rank0
 from ray_jobs.training.engine import deepspeed_config, initialize_engine, resolve_precision
 
-__all__ = ["TrainTask", "run_worker_loop", "run_dir", "InjectedFailure"]
+__all__ = ["TrainTask", "run_worker_loop", "run_dir", "InjectedFailure", "files_for_rank", "export_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -164,34 +168,58 @@ def _replay(cached: list[dict[str, torch.Tensor]], batch_size: int,
             yield {k: v[index] for k, v in rows.items()}
 
 
-@contextlib.contextmanager
-def _checkpoint_folder(checkpoint: Any, rank: int) -> Iterator[str]:
-    """The checkpoint as a local folder private to this rank.
+# A checkpoint file belongs to one rank when its name carries that rank: DeepSpeed's ZeRO shards
+# (``zero_pp_rank_{r}_mp_rank_00_*``; ``mp_rank_00`` is the model-parallel index, always shared) and ours
+# (``ema_rank{r}.pt``, ``task_rank{r}.pt``). Every other file is shared state.
+_RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|_rank)(\d+)[_.]")
 
-    Deliberately not `Checkpoint.as_directory()`: for remote (S3) checkpoints it shares one download
-    folder per node, and a rank that arrives after another finished downloading re-downloads into
-    that folder while the other is still reading it (seen as a "corrupted" torch.load on resume).
-    Local checkpoints are read in place; remote ones go to a per-rank temporary folder.
+
+def files_for_rank(names: list[str], rank: int) -> list[str]:
+    """The checkpoint files (relative paths) rank ``rank`` reads on resume: shared ones and its own shards."""
+    owners = {name: _RANK_IN_NAME.search(Path(name).name) for name in names}
+    return sorted(n for n, match in owners.items() if match is None or int(match.group(1)) == rank)
+
+
+@contextlib.contextmanager
+def _checkpoint_folder(checkpoint: Any, rank: int) -> Iterator[tuple[str, list[str]]]:
+    """(local folder, files fetched): the checkpoint as a folder private to this rank.
+
+    Local checkpoints are read in place. Of a remote (S3) one, only what this rank reads is downloaded
+    (`files_for_rank`) into a per-rank temporary folder: at 14B under ZeRO-3 the whole checkpoint is
+    hundreds of GB, a rank's part 1/N of it. (Deliberately not `Checkpoint.as_directory()`: it downloads
+    everything into one folder per node, and a rank arriving after another finished re-downloads into it
+    while the other still reads, seen as a "corrupted" torch.load on resume.)
     """
     import pyarrow.fs
 
-    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-        yield checkpoint.path
+    fs = checkpoint.filesystem
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path, []
         return
+    root = checkpoint.path.rstrip("/")
+    listing = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    names = [info.path[len(root) + 1:] for info in listing if info.type == pyarrow.fs.FileType.File]
+    wanted = files_for_rank(names, rank)
     with tempfile.TemporaryDirectory(prefix=f"resume-rank{rank}-") as folder:
-        yield checkpoint.to_directory(folder)
+        for name in wanted:
+            Path(folder, name).parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(f"{root}/{name}", str(Path(folder, name)), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+        yield folder, wanted
 
 
 def _resume(worker: Worker) -> tuple[int, list[str]]:
-    """Load the latest Ray Train checkpoint into the engine, EMA and task; return (step, metrics lines)."""
+    """Load the latest Ray Train checkpoint into the engine, EMA and task; return (step, metrics lines).
+
+    What this rank fetched of a remote checkpoint is recorded in ``{run}/resume/rank{r}.json``."""
     import ray.train
 
     engine, ema, rank, task = worker.engine, worker.ema, worker.rank, worker.task
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
-    with _checkpoint_folder(checkpoint, rank) as folder:
-        engine.load_checkpoint(folder, tag="ds", load_module_strict=True)
+    with _checkpoint_folder(checkpoint, rank) as (folder, fetched):
+        engine.load_checkpoint(folder, tag="ds", load_module_strict=not _frozen_excluded(engine))
         if ema is not None:
             ema.load(folder, rank)
         task_state = Path(folder) / f"task_rank{rank}.pt"
@@ -199,8 +227,17 @@ def _resume(worker: Worker) -> tuple[int, list[str]]:
             task.load_state_dict(torch.load(task_state, map_location="cpu", weights_only=True))
         state = json.loads((Path(folder) / "train_state.json").read_text())
         lines = (Path(folder) / "metrics.jsonl").read_text().splitlines()
-    log.info("rank %d resumed at step %d", rank, state["step"])
+    if fetched:
+        worker.storage.write_json(worker.storage.join(run_dir(worker.cfg), "resume", f"rank{rank}.json"),
+                                  {"step": state["step"], "files": fetched})
+    log.info("rank %d resumed at step %d (%d files fetched)", rank, state["step"], len(fetched))
     return int(state["step"]), [ln for ln in lines if json.loads(ln)["step"] <= state["step"]]
+
+
+def _frozen_excluded(engine: Any) -> bool:
+    """Whether checkpoints leave out frozen parameters: yes when any exist (a LoRA job's base model is
+    rebuilt from its pretrained folder at start, so every checkpoint would otherwise carry a base copy)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def _maybe_inject_failure(cfg: TrainJobConfig, storage: Storage, step: int, rank: int, world: int) -> None:
@@ -214,15 +251,16 @@ def _maybe_inject_failure(cfg: TrainJobConfig, storage: Storage, step: int, rank
 
 
 def _save_checkpoint(worker: Worker, step: int, metrics: dict, lines: list[str]) -> None:
-    """Every rank writes its DeepSpeed/EMA files; rank 0 adds state, metrics and the export."""
+    """Every rank writes its DeepSpeed/EMA/task files into the checkpoint; rank 0 adds the shared state
+    and publishes the export to ``{run}/export`` (outside the checkpoint: no model copy per checkpoint)."""
     import ray.train
     from ray.train import Checkpoint
 
     engine, ema, task, rank, storage, cfg = (worker.engine, worker.ema, worker.task, worker.rank, worker.storage,
                                              worker.cfg)
-    weights = _export_weights(engine, ema, cfg.deepspeed.zero_stage)  # collective under ZeRO-3
+    weights = _export_weights(worker)  # collective under ZeRO-3; {} except on rank 0
     with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
-        engine.save_checkpoint(folder, tag="ds")
+        engine.save_checkpoint(folder, tag="ds", exclude_frozen_parameters=_frozen_excluded(engine))
         if ema is not None:
             ema.save(folder, rank)
         if isinstance(task, StatefulTask):  # optional task state, e.g. distillation's target network
@@ -230,23 +268,34 @@ def _save_checkpoint(worker: Worker, step: int, metrics: dict, lines: list[str])
         if rank == 0:
             Path(folder, "train_state.json").write_text(json.dumps({"step": step, "job": type(task).__name__}))
             Path(folder, "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-            export_dir = Path(folder) / "export"
-            task.export(_unwrapped(engine), weights, export_dir)
-            storage.upload_dir(str(export_dir), storage.join(run_dir(cfg), "export"))
+            _publish_export(worker, weights)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
 
-def _export_weights(engine: Any, ema: EMA | None, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full trainable weights to export: the EMA when kept, else the live ones (gathered on ZeRO-3)."""
-    if ema is not None:
-        return ema.full_state_dict()
-    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if zero_stage != 3:
-        return {n: p.detach().float().cpu().clone() for n, p in named}
-    import deepspeed
+def _publish_export(worker: Worker, weights: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the task's export of ``weights`` to ``{run}/export``, replacing the previous one."""
+    with tempfile.TemporaryDirectory(prefix="export-") as export_dir:
+        worker.task.export(_unwrapped(worker.engine), weights, Path(export_dir))
+        worker.storage.upload_dir(export_dir, worker.storage.join(run_dir(worker.cfg), "export"))
 
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+def export_dtype(cfg: TrainJobConfig) -> torch.dtype:
+    """The exported weights' dtype: ``checkpoint.export_precision``, auto = the run's precision."""
+    chosen = cfg.checkpoint.export_precision
+    name = resolve_precision(cfg.deepspeed, cfg.scaling.use_gpu) if chosen == "auto" else chosen
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def _export_weights(worker: Worker) -> dict[str, torch.Tensor]:
+    """Rank 0: the trainable weights to export in the export dtype, the EMA when kept, else the live ones
+    (gathered a group at a time under ZeRO-3, a collective); other ranks: {}."""
+    engine, ema, rank, dtype = worker.engine, worker.ema, worker.rank, export_dtype(worker.cfg)
+    if ema is not None:
+        return ema.full_state_dict(dtype, rank)
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if worker.cfg.deepspeed.zero_stage == 3:
+        return gathered_on_rank0(named, dtype, rank)
+    return {n: p.detach().to("cpu", dtype, copy=True) for n, p in named} if rank == 0 else {}
 
 
 def _unwrapped(engine: Any) -> torch.nn.Module:
@@ -259,8 +308,15 @@ def _setup(cfg: TrainJobConfig, task: TrainTask) -> Worker:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DeepSpeed also broadcasts)
-    model = task.build_model()
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.batch_size, world, cfg.scaling.use_gpu, cfg.scaling.sequence_parallel)
+    if cfg.deepspeed.zero_stage == 3:  # built under zero.Init, filled tensor by tensor: no rank holds a full copy
+        from model.loading import zero3_build
+
+        with zero3_build(ds_cfg) as built:
+            model = task.build_model()
+        built.check()
+    else:
+        model = task.build_model()
     engine = initialize_engine(model, task.param_groups(model), cfg.optim, ds_cfg, total_steps=cfg.steps)
     if cfg.scaling.sequence_parallel > 1:  # before the task's hook, so models it derives share the group
         engine.module.enable_sequence_parallel(engine.seq_parallel_group)
@@ -279,10 +335,10 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
     engine, ema, rank, world, storage = worker.engine, worker.ema, worker.rank, worker.world, worker.storage
     start_step, lines = _resume(worker)
     # Seeded by the data-parallel index: the ranks of a sequence-parallel group draw the same noise.
-    seed = cfg.run.seed * 1000 + worker.data_rank * 7919 + start_step
-    generator = torch.Generator().manual_seed(seed)
+    seed = cfg.run.seed * 1000 + worker.data_rank * 7919
+    generator = torch.Generator()  # reseeded every step from (seed, step): a resumed run draws what an uninterrupted one does
     leader = worker.data_rank * worker.sequence_parallel  # the group's first rank reads its data shard
-    batches = (_batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb, torch.Generator().manual_seed(seed + 1))
+    batches = (_batches(cfg.batch_size, columns, cfg.run.cache_epochs_mb, torch.Generator().manual_seed(seed + start_step + 1))
                if rank == leader else None)
     if worker.sequence_parallel > 1:
         batches = _shared_in_group(batches, engine.seq_parallel_group, leader)
@@ -290,6 +346,7 @@ def run_worker_loop(cfg: TrainJobConfig, task: TrainTask, columns: list[str] | N
     board = _TensorBoard(cfg, storage) if cfg.run.tensorboard and rank == 0 else None
     for step in range(start_step + 1, cfg.steps + 1):
         t0 = time.perf_counter()
+        generator.manual_seed(seed * 100_003 + step)
         step_metrics = _optimizer_step(engine, task, batches, generator, cfg.deepspeed.gradient_accumulation_steps)
         if ema is not None:
             ema.update(step)
@@ -354,8 +411,8 @@ def _maybe_validate(worker: Worker, step: int, metrics: dict) -> None:
     every = cfg.checkpoint.validate_every_n_steps
     if not ((every and step % every == 0) or step == cfg.steps):
         return
-    if ema is not None and ema.zero3:
-        return  # a ZeRO-3 module cannot run unpartitioned on one rank; the exported folder is the check
+    if cfg.deepspeed.zero_stage == 3:
+        return  # a ZeRO-3 module cannot run on one rank alone; the exported folder is the check
     if rank != 0:
         return
     with tempfile.TemporaryDirectory(prefix="val-") as folder:
