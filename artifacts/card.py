@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from core.config import StrictConfig
-from model.audio import AudioFeatureConfig
+from model.audio import ENCODER_FIELDS, AudioFeatureConfig
 from model.presets import ModelConfig
 from model.sampling import SamplerSpec
 
@@ -123,20 +123,42 @@ def _infer_card(folder: Path) -> ModelCard:
 
 
 def check_data_matches_model(data: DataCard, model: ModelConfig, who: str) -> None:
-    """Fail at start when shards were made with another VAE or audio geometry than the model uses (names both)."""
+    """Fail at start when shards were made with another VAE, audio encoder or audio geometry than the model
+    uses (names both): the model would train on features it will never be served, or vice versa."""
     problems = []
     if _vae_id(data.vae_path) != _vae_id(model.vae_path):
         problems.append(f"VAE: shards {data.uri} were encoded with {data.vae_path or 'the tiny checked-in VAE'}, "
                         f"the model uses {model.vae_path or 'the tiny checked-in VAE'}")
-    if data.audio != model.audio:
-        problems.append(f"audio features: shards {data.uri} were made with {data.audio.model_dump()}, "
-                        f"the model uses {model.audio.model_dump()}")
+    if not _same_audio_encoder(data.audio, model.audio):
+        problems.append(f"audio encoder: shards {data.uri} were made with {_encoder_name(data.audio)}, "
+                        f"the model uses {_encoder_name(model.audio)}")
+    geometry = {"exclude": set(ENCODER_FIELDS)}
+    if data.audio.model_dump(**geometry) != model.audio.model_dump(**geometry):
+        problems.append(f"audio features: shards {data.uri} were made with {data.audio.model_dump(**geometry)}, "
+                        f"the model uses {model.audio.model_dump(**geometry)}")
     if problems:
         raise ValueError(f"{who}: data and model disagree; " + "; ".join(problems))
 
 
+def _same_audio_encoder(a: AudioFeatureConfig, b: AudioFeatureConfig) -> bool:
+    """Same kind; for wav2vec2 the same content hash when both pin one, else the same folder and pin."""
+    if a.encoder != b.encoder:
+        return False
+    if a.encoder == "logmel":
+        return True
+    if a.encoder_sha256 and b.encoder_sha256:  # content decides: a local copy of the s3 folder is the same encoder
+        return a.encoder_sha256 == b.encoder_sha256
+    return (_vae_id(a.encoder_path), a.encoder_sha256) == (_vae_id(b.encoder_path), b.encoder_sha256)
+
+
+def _encoder_name(cfg: AudioFeatureConfig) -> str:
+    if cfg.encoder == "logmel":
+        return "logmel"
+    return f"wav2vec2 {cfg.encoder_path} (sha256 {cfg.encoder_sha256 or 'not pinned'})"
+
+
 def _vae_id(path: str | None) -> str | None:
-    """A VAE reference comparable across spellings: None (tiny), the URI, or the resolved local path."""
+    """A VAE or audio encoder folder comparable across spellings: None (tiny), the URI, or the resolved local path."""
     if path is None:
         return None
     return path.rstrip("/") if "://" in path else str(Path(path).resolve())

@@ -1,4 +1,4 @@
-"""Per-video-frame audio features: log-mel windows aligned to frames.
+"""Per-video-frame audio features: log-mel (or wav2vec2) windows aligned to frames.
 
 `audio_features(wave, fps, num_frames, cfg)` returns float32 (num_frames, W, n_mels) with
 W = mels_per_frame * (2 * context_frames + 1): row block ``context_frames`` of frame i covers exactly
@@ -13,29 +13,54 @@ scale, triangular filters, Hann-windowed STFT): torchaudio is not installed and 
 large dependency for ~30 lines. The STFT frames are centred on each mel row's time, so rows are
 aligned to frames for any fps (no rounding drift across a clip).
 
-Pretrained encoder hook (optional, not required by any job): `wav2vec2_features` runs a
-`transformers` Wav2Vec2 model loaded from a LOCAL folder (no hub access here) and resamples its
-hidden states to the same (num_frames, W, D) layout, so it can stand in for log-mels with
-``n_mels = hidden size`` in the model config.
+Two encoders (``AudioFeatureConfig.encoder``), one entry point: `AudioEncoder(cfg)` is what
+preprocessing (`ray_jobs.preprocess.udfs.add_audio_features`) and serving
+(`serving.engine.AnimationEngine.conditions`) both call, so training features and served features
+come from the same code and cannot drift apart:
+* ``logmel`` (default): `audio_features` above, unchanged;
+* ``wav2vec2``: `transformers`' `Wav2Vec2Model` (the optional ``wav2vec2`` extra) from a LOCAL folder
+  (`artifacts.audio` resolves ``s3://`` through the node's model cache; `model/` reads local paths
+  only). The folder's last hidden states are sampled at the same row centres as the log-mel rows, in
+  the same (num_frames, W, n_mels) layout with ``n_mels`` = the encoder's hidden size (checked at load:
+  the denoiser's ``audio_proj`` is built for ``n_mels``). The folder's content hash
+  (`folder_fingerprint`) can be pinned in ``encoder_sha256``: loading then refuses another folder, and
+  `artifacts.card.check_data_matches_model` compares it between shards and model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from core.config import StrictConfig
 
-__all__ = ["AudioFeatureConfig", "audio_features", "mel_filterbank", "wav2vec2_features"]
+__all__ = ["AudioFeatureConfig", "AudioEncoder", "ENCODER_FIELDS", "audio_features", "mel_filterbank",
+           "folder_fingerprint"]
+
+log = logging.getLogger(__name__)
+
+
+ENCODER_FIELDS = ("encoder", "encoder_path", "encoder_sha256")  # which encoder; the rest is window geometry
 
 
 class AudioFeatureConfig(StrictConfig):
-    """Log-mel window geometry; the model config embeds one so features and model always agree."""
+    """Feature encoder and window geometry; the model config embeds one so features and model always agree."""
 
+    encoder: Literal["logmel", "wav2vec2"] = Field("logmel", description="logmel: our numpy log-mels; "
+                                                   "wav2vec2: a transformers Wav2Vec2Model's last hidden states")
+    encoder_path: str | None = Field(None, description="wav2vec2: local or s3:// folder (config.json, weights, "
+                                     "preprocessor_config.json)")
+    encoder_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="wav2vec2: optional pin of "
+                                       "the folder's content hash (folder_fingerprint); loading another fails")
     sample_rate: int = Field(16000, ge=1000, description="Hz of the mono input wave")
-    n_mels: int = Field(32, ge=1, description="mel bins per row (32 tiny, 80 typical for real)")
+    n_mels: int = Field(32, ge=1, description="feature dim per row: mel bins (32 tiny, 80 typical for real), "
+                        "or the wav2vec2 hidden size")
     mels_per_frame: int = Field(2, ge=1, description="mel rows per video frame")
     context_frames: int = Field(1, ge=0, description="video frames of context on each side of frame i")
     n_fft: int = Field(512, ge=16, description="STFT window length in samples (32 ms at 16 kHz)")
@@ -49,6 +74,26 @@ class AudioFeatureConfig(StrictConfig):
         if not self.fmin < top <= self.sample_rate / 2:
             raise ValueError(f"need fmin < fmax <= sample_rate/2, got fmin={self.fmin}, fmax={top}")
         return self
+
+    @model_validator(mode="after")
+    def _check_encoder(self) -> "AudioFeatureConfig":
+        """A folder without wav2vec2, or wav2vec2 without a folder, is a config mistake: say so at load."""
+        if self.encoder == "wav2vec2" and not self.encoder_path:
+            raise ValueError("audio encoder 'wav2vec2' needs encoder_path (a local or s3:// model folder)")
+        if self.encoder == "logmel" and (self.encoder_path or self.encoder_sha256):
+            raise ValueError("encoder_path / encoder_sha256 are wav2vec2 settings; encoder is 'logmel'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_logmel_encoder(self, handler: Any) -> dict[str, Any]:
+        """Log-mel dumps stay exactly as before the encoder setting existed, so manifests and model cards
+        written earlier still compare equal (the preprocess job refuses to add shards to an output whose
+        recorded audio config differs)."""
+        data = handler(self)
+        if self.encoder == "logmel":
+            for key in ENCODER_FIELDS:
+                data.pop(key, None)
+        return data
 
     @property
     def window(self) -> int:
@@ -98,40 +143,148 @@ def _log_mel_rows(wave: np.ndarray, centres: np.ndarray, cfg: AudioFeatureConfig
     return np.log(mel + cfg.log_floor)
 
 
-def audio_features(wave: np.ndarray, fps: float, num_frames: int, cfg: AudioFeatureConfig | None = None) -> np.ndarray:
-    """Frame-aligned log-mel windows: wave (N,) float32 at cfg.sample_rate -> (num_frames, W, n_mels)."""
-    cfg = cfg or AudioFeatureConfig()
+def _check_clip(wave: np.ndarray, fps: float, num_frames: int) -> np.ndarray:
+    """The mono float32 wave, after refusing shapes and rates no encoder can window."""
     wave = np.asarray(wave, dtype=np.float32)
     if wave.ndim != 1:
         raise ValueError(f"wave must be mono (N,), got shape {wave.shape}")
     if fps <= 0 or num_frames < 1:
         raise ValueError(f"need fps > 0 and num_frames >= 1, got fps={fps}, num_frames={num_frames}")
+    return wave
+
+
+def _windows(rows: np.ndarray, num_frames: int, cfg: AudioFeatureConfig) -> np.ndarray:
+    """(total_rows, D) rows from frame -context on -> (num_frames, W, D): frame i's window starts at row i*mpf."""
+    index = np.arange(num_frames)[:, None] * cfg.mels_per_frame + np.arange(cfg.window)[None]
+    return rows[index].astype(np.float32)
+
+
+def audio_features(wave: np.ndarray, fps: float, num_frames: int, cfg: AudioFeatureConfig | None = None) -> np.ndarray:
+    """Frame-aligned log-mel windows: wave (N,) float32 at cfg.sample_rate -> (num_frames, W, n_mels)."""
+    cfg = cfg or AudioFeatureConfig()
+    if cfg.encoder != "logmel":  # a wav2vec2 config read as log-mels would silently train on other features
+        raise ValueError(f"audio_features computes log-mels, the config's encoder is {cfg.encoder!r}: use AudioEncoder")
+    wave = _check_clip(wave, fps, num_frames)
     mpf, ctx = cfg.mels_per_frame, cfg.context_frames
     row_samples = cfg.sample_rate / (fps * mpf)
     if cfg.n_fft < row_samples:  # windows would leave gaps: sounds between rows would vanish
         raise ValueError(f"n_fft {cfg.n_fft} < {row_samples:.0f} samples per mel row at fps {fps}; raise n_fft")
     total_rows = (num_frames + 2 * ctx) * mpf
     centres = _row_centres(fps, total_rows, -ctx * mpf, cfg)
-    rows = _log_mel_rows(wave, centres, cfg)  # (total_rows, n_mels)
-    window = cfg.window
-    index = np.arange(num_frames)[:, None] * mpf + np.arange(window)[None]  # frame i starts at row i*mpf
-    return rows[index].astype(np.float32)
+    return _windows(_log_mel_rows(wave, centres, cfg), num_frames, cfg)
 
 
-def wav2vec2_features(wave: np.ndarray, fps: float, num_frames: int, model_path: str,
-                      cfg: AudioFeatureConfig | None = None, device: str = "cpu") -> np.ndarray:
-    """Optional hook: local Wav2Vec2 hidden states resampled to (num_frames, W, hidden) like `audio_features`."""
-    import torch  # lazy: only this optional hook needs transformers
-    from transformers import Wav2Vec2Model
+# The files that decide what a wav2vec2 folder computes (a cache's own manifest or lock files do not).
+_FINGERPRINT_FILES = ("config.json", "preprocessor_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
-    cfg = cfg or AudioFeatureConfig()
-    encoder = Wav2Vec2Model.from_pretrained(model_path, local_files_only=True).to(device).eval()
-    with torch.no_grad():
-        hidden = encoder(torch.as_tensor(wave, dtype=torch.float32, device=device)[None]).last_hidden_state[0]
-    hidden = hidden.cpu().numpy()  # (S, D) at the encoder's own rate
-    mpf, ctx = cfg.mels_per_frame, cfg.context_frames
-    row_times = (np.arange(-ctx * mpf, (num_frames + ctx) * mpf) + 0.5) / (fps * mpf)
-    src = np.clip(np.round(row_times / (len(wave) / cfg.sample_rate) * len(hidden) - 0.5), 0, len(hidden) - 1)
-    rows = hidden[src.astype(np.int64)]
-    index = np.arange(num_frames)[:, None] * mpf + np.arange(cfg.window)[None]
-    return rows[index].astype(np.float32)
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """sha256 over the names and bytes of a model folder's config, preprocessor config and weights.
+
+    Identifies the encoder by content, so the same weights in a local folder and on s3 agree and an
+    overwritten folder at the same URI does not.
+    """
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and
+                   (f.name in _FINGERPRINT_FILES or f.suffix in _WEIGHT_SUFFIXES))
+    if not any(f.suffix in _WEIGHT_SUFFIXES for f in files):
+        raise FileNotFoundError(f"{folder} holds no model weights (*.safetensors / *.bin)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _conv_geometry(model_config: Any) -> tuple[int, int]:
+    """(stride, receptive field) in samples of the wav2vec2 conv feature encoder: 320 and 400 for base."""
+    stride, receptive = 1, 1
+    for kernel, step in zip(model_config.conv_kernel, model_config.conv_stride):
+        receptive += (kernel - 1) * stride
+        stride *= step
+    return stride, receptive
+
+
+class AudioEncoder:
+    """wave -> (num_frames, W, n_mels) features: the one function preprocessing and serving both call.
+
+    Built once per process (a wav2vec2 folder loads in seconds; a clip encodes in milliseconds), then
+    called per clip. ``folder`` is the local copy of ``cfg.encoder_path`` (`artifacts.audio` fetches
+    s3 folders); None reads ``cfg.encoder_path`` itself, which must then be local.
+    """
+
+    def __init__(self, cfg: AudioFeatureConfig, folder: str | Path | None = None, device: Any = "cpu") -> None:
+        self.cfg, self.device = cfg, device
+        self.fingerprint: str | None = None
+        if cfg.encoder == "wav2vec2":
+            self._load_wav2vec2(Path(folder if folder is not None else _local_path(cfg.encoder_path)))
+
+    def _load_wav2vec2(self, folder: Path) -> None:
+        """Load the folder's feature extractor and model, after checking it is the one the config means."""
+        import torch  # lazy: logmel needs neither torch nor transformers
+        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        cfg = self.cfg
+        if not (folder / "preprocessor_config.json").is_file():  # its normalisation is part of the features
+            raise FileNotFoundError(f"{folder}: no preprocessor_config.json; save the Wav2Vec2FeatureExtractor "
+                                    "the model was trained with beside it")
+        self.fingerprint = folder_fingerprint(folder)
+        if cfg.encoder_sha256 is not None and cfg.encoder_sha256 != self.fingerprint:
+            raise ValueError(f"audio encoder folder {cfg.encoder_path} has content hash {self.fingerprint}, "
+                             f"the config pins encoder_sha256={cfg.encoder_sha256}")
+        self.extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
+        self.model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        _check_wav2vec2(self.model.config, self.extractor, cfg, str(cfg.encoder_path))
+        self.stride, self.receptive = _conv_geometry(self.model.config)
+        log.info("audio encoder wav2vec2 %s (sha256 %s)", cfg.encoder_path, self.fingerprint)
+
+    def __call__(self, wave: np.ndarray, fps: float, num_frames: int) -> np.ndarray:
+        """Features of a clip's mono wave at cfg.sample_rate, aligned to its frames like `audio_features`."""
+        if self.cfg.encoder == "logmel":
+            return audio_features(wave, fps, num_frames, self.cfg)
+        wave = _check_clip(wave, fps, num_frames)
+        return _windows(self._wav2vec2_rows(wave, fps, num_frames), num_frames, self.cfg)
+
+    def _wav2vec2_rows(self, wave: np.ndarray, fps: float, num_frames: int) -> np.ndarray:
+        """(total_rows, hidden) hidden states at the log-mel rows' centres.
+
+        The encoder sees exactly the rows' span (frames -context .. num_frames + context, silence
+        outside the clip, audio past it cut) plus half a receptive field of silence each side, so the
+        features depend on the clip's own audio only, never on how much longer the caller's wave is.
+        """
+        import torch
+
+        cfg, margin = self.cfg, self.receptive // 2
+        mpf, ctx, rate = cfg.mels_per_frame, cfg.context_frames, cfg.sample_rate
+        lead = round(ctx / fps * rate) + margin
+        clip = wave[: round((num_frames + ctx) / fps * rate)]
+        padded = np.zeros(round((num_frames + 2 * ctx) / fps * rate) + 2 * margin, np.float32)
+        padded[lead: lead + len(clip)] = clip
+        values = self.extractor(padded, sampling_rate=rate, return_tensors="np").input_values
+        with torch.no_grad():
+            hidden = self.model(torch.from_numpy(values).to(self.device)).last_hidden_state[0].float().cpu().numpy()
+        centres = _row_centres(fps, (num_frames + 2 * ctx) * mpf, -ctx * mpf, cfg) + lead  # samples in `padded`
+        nearest = np.round((centres - (self.receptive - 1) / 2) / self.stride).astype(np.int64)
+        return hidden[np.clip(nearest, 0, len(hidden) - 1)]
+
+
+def _local_path(path: str | None) -> str:
+    if path is None or "://" in path:
+        raise ValueError(f"AudioEncoder reads local folders; fetch {path} first (artifacts.audio.load_audio_encoder)")
+    return path
+
+
+def _check_wav2vec2(model_config: Any, extractor: Any, cfg: AudioFeatureConfig, where: str) -> None:
+    """The folder must produce what the denoiser was built for: n_mels-wide rows from cfg.sample_rate audio."""
+    if getattr(model_config, "add_adapter", False):
+        raise ValueError(f"{where}: wav2vec2 with an adapter (add_adapter) is not supported; use the plain encoder")
+    if model_config.hidden_size != cfg.n_mels:
+        raise ValueError(f"{where}: wav2vec2 hidden size {model_config.hidden_size} != audio.n_mels {cfg.n_mels} "
+                         "(the denoiser's audio_proj input); set audio.n_mels to the hidden size")
+    if extractor.sampling_rate != cfg.sample_rate or extractor.feature_size != 1:
+        raise ValueError(f"{where}: wav2vec2 expects mono {extractor.sampling_rate} Hz audio, "
+                         f"audio.sample_rate is {cfg.sample_rate}; set audio.sample_rate={extractor.sampling_rate}")

@@ -10,7 +10,8 @@ Why not `model.generate.generate`: it samples batch 1. `generate_batch` runs the
 
 Conditions from a request (shapes as in `model.conditions`):
 * ref: VAE latent of the reference image (1, C, 1, h, w).
-* audio: `model.audio.audio_features` of the 16 kHz wave (1, T, W, M); no audio -> zeros with keep False.
+* audio: the card's `model.audio.AudioEncoder` (log-mel or wav2vec2, the one preprocessing ran) of the
+  16 kHz wave (1, T, W, M); no audio -> a silent wave's features with keep False.
 * pose: `model.pose.render_pose` maps from keypoints (1, 3, T, H, W); none -> zeros with keep False.
 * face: the VAE latent of the reference's face crop (1, C, 1, hf, wf), cut by
   `model.face.reference_face` with the config's `face` geometry, exactly as preprocessing cut the
@@ -38,12 +39,12 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from artifacts.audio import load_audio_encoder
 from artifacts.exports import load_export
 from artifacts.models import load_vae
 from model.precision import cast_model, precision_dtype
 from core.media import mux_mp4
 from core.storage import Storage
-from model.audio import audio_features
 from model.conditions import Conditions
 from model.face import ReferenceFace, reference_face
 from model.pose import render_pose
@@ -124,6 +125,9 @@ class AnimationEngine:
             self.model = build_denoiser(cfg.model).to(self.device).eval()
         cast_model(self.model, precision_dtype(cfg.precision, self.device)).requires_grad_(False)
         self.audio = self.served.card.model.audio
+        # on the CPU like preprocessing, so served features are bit-identical to the shards' (a GPU's TF32
+        # convolutions differ by ~1e-3); a wrong wav2vec2 folder (hidden size, rate, pinned hash) fails here
+        self.audio_encoder = load_audio_encoder(self.audio, self.storage, "cpu")
         self.height, self.width = self.served.height, self.served.width
         self.vae = load_vae(self.served.card.model.vae_path, self.storage, self.device, config=cfg.vae)
         if self.vae.temporal_factor != self.served.temporal_factor:  # the ingress counts frames with the card's
@@ -165,7 +169,7 @@ class AnimationEngine:
         ref = self.vae.encode(request.ref_image[None, None])  # (1, C, 1, h, w)
         audio_keep = request.audio is not None
         wave = request.audio if audio_keep else np.zeros(1, np.float32)
-        audio = torch.from_numpy(audio_features(wave, request.fps, frames, self.audio))[None]
+        audio = torch.from_numpy(self.audio_encoder(wave, request.fps, frames))[None]
         pose_keep = request.keypoints is not None
         pose_maps = (render_pose(request.keypoints, self.height, self.width) if pose_keep
                      else np.zeros((frames, self.height, self.width, 3), np.uint8))

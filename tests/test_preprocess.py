@@ -659,3 +659,42 @@ def test_one_run_decode_failure_is_attributed_to_the_stream_at_fault(tmp_path):
     assert len(good) == 32 // T and all(r["error_stage"] == "" and r["has_audio"] for r in good)
     bad = decode_clips({"source": str(cut), "sidecar": "", "size": 0, "mtime": 0}, cfg)
     assert len(bad) == 1 and bad[0]["error_stage"] == "decode" and "truncated" in bad[0]["error_reason"]
+
+
+def test_split_rule_without_sidecars_is_deterministic_and_keeps_identities_together():
+    from ray_jobs.preprocess.config import SplitConfig
+    from ray_jobs.preprocess.job import check_compatible
+    from ray_jobs.preprocess.stages import assign_split
+
+    rule = SplitConfig(heldout_fraction=0.3)
+    keys = [f"video{i}" for i in range(200)]
+    splits = [assign_split(None, "unknown", k, rule) for k in keys]
+    assert 0.2 < splits.count("heldout") / len(keys) < 0.4 and set(splits) == {"train", "heldout"}
+    assert splits == [assign_split(None, "", k, SplitConfig(heldout_fraction=0.3)) for k in keys]  # deterministic
+    assert len({assign_split(None, "dancer7", k, rule) for k in keys}) == 1  # the identity is the key when known
+    assert [assign_split(None, "unknown", k, SplitConfig(heldout_fraction=0.3, salt="b")) for k in keys] != splits
+    assert assign_split("heldout", "unknown", "video0", rule) == "heldout"  # a sidecar's split wins by default
+    assert assign_split("unknown", "unknown", "video0", rule) == splits[0]  # an invalid one does not
+    listed = SplitConfig(use_sidecar=False, heldout=["video3"])
+    assert assign_split("heldout", "unknown", "video0", listed) == "train"
+    assert assign_split("train", "unknown", "video3", listed) == "heldout"
+    # one output keeps one rule: a video must not move between train and heldout across runs
+    cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml", {"input": "in", "output": "out"})
+    manifest = {"config": cfg.model_dump(mode="json")}
+    check_compatible(cfg, manifest)
+    with pytest.raises(ValueError, match="split rule"):
+        check_compatible(cfg.model_copy(update={"split": SplitConfig(salt="other")}), manifest)
+
+
+def test_clips_of_a_video_without_a_split_in_its_sidecar_get_the_rules_split():
+    from ray_jobs.preprocess.config import SplitConfig
+    from ray_jobs.preprocess.stages import assign_split
+
+    video = generate_video(SyntheticConfig(out="unused", duration=1.0, seed=3), 0)
+    sidecar = {k: v for k, v in video.sidecar.items() if k not in ("split", "identity_id", "video_id")}
+    for rule in (SplitConfig(heldout=["v0"]), SplitConfig(heldout_fraction=0.5)):
+        cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                          {"input": "in", "output": "out", "split": rule.model_dump()})
+        clips = udfs.clips_from_frames("v0.mp4", sidecar, video.frames, video.audio, cfg)
+        assert len(clips["split"]) >= 1 and set(clips["split"]) == {assign_split(None, "unknown", "v0", rule)}
+    assert set(clips["identity_id"]) == {"unknown"}

@@ -13,17 +13,21 @@ from core.storage import StorageConfig
 from model.vae import VAEConfig
 from ray_jobs.common import RayConfig
 
-__all__ = ["PreprocessConfig", "VaeStageConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",
+__all__ = ["PreprocessConfig", "VaeStageConfig", "SplitConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",
            "VIDEO_EXTENSIONS"]
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm")
 
 
 class AudioStageConfig(StrictConfig):
-    """Audio per clip: mono at `sample_rate`, log-mel windows per frame as `model.audio` defines them."""
+    """Audio per clip: mono at `sample_rate`, feature windows per frame as `model.audio.AudioEncoder` computes them.
 
-    features: AudioFeatureConfig = Field(AudioFeatureConfig(), description="log-mel geometry; its sample_rate "
-                                         "is also the rate of the stored clip audio (16 kHz)")
+    ``features`` must equal the model config's ``audio`` (encoder, folder, geometry): training checks it
+    against the manifest at start (`artifacts.card.check_data_matches_model`)."""
+
+    features: AudioFeatureConfig = Field(AudioFeatureConfig(), description="encoder (logmel | wav2vec2) and "
+                                         "window geometry; its sample_rate is also the rate of the stored clip "
+                                         "audio (16 kHz)")
     allow_silent: bool = Field(False, description="a video without an audio stream gives clips with "
                                "has_audio=False and zero audio/features (True) or an error row (False)")
 
@@ -42,6 +46,20 @@ class PoseStageConfig(StrictConfig):
         if self.extractor == "onnx" and not self.model_path:
             raise ValueError("pose.extractor='onnx' needs pose.model_path")
         return self
+
+
+class SplitConfig(StrictConfig):
+    """Which clips are held out, for videos whose sidecar does not say (every video, with ``use_sidecar: false``).
+
+    Deterministic: a video's split is a function of its key alone (its identity when the sidecar names one,
+    else its video id), so all clips of one identity land on one side and re-runs agree
+    (`ray_jobs.preprocess.stages.assign_split`). The rule is recorded in the manifest."""
+
+    use_sidecar: bool = Field(True, description="a sidecar's `split` wins when it has one")
+    heldout: list[str] = Field(default_factory=list, description="explicit held-out keys (identity or video ids); "
+                               "when given, every other video trains and heldout_fraction is unused")
+    heldout_fraction: float = Field(0.2, ge=0, le=1, description="share of keys held out, by a salted hash of the key")
+    salt: str = Field("split-v1", description="hash salt: change it to draw another split")
 
 
 class FaceStageConfig(FaceCropConfig):
@@ -133,6 +151,7 @@ class PreprocessConfig(StrictConfig):
     audio: AudioStageConfig = AudioStageConfig()
     pose: PoseStageConfig = PoseStageConfig()
     face: FaceStageConfig = FaceStageConfig()
+    split: SplitConfig = SplitConfig()
     vae: VaeStageConfig = VaeStageConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()

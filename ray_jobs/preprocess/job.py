@@ -109,6 +109,9 @@ def check_compatible(cfg: PreprocessConfig, manifest: dict) -> None:
         if before != after:
             raise ValueError(f"{cfg.output} holds shards made with {dotted}={before!r}; this run has {after!r}. "
                              "Use a fresh output for a different geometry.")
+    if "split" in old and old["split"] != new["split"]:  # outputs from before split rules have none to compare
+        raise ValueError(f"{cfg.output} holds clips split by split={old['split']!r}; this run has {new['split']!r}: "
+                         "one output keeps one split rule (a video must not move between train and heldout)")
 
 
 def check_encoding(cfg: PreprocessConfig, manifest: dict) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from model.face import crop_faces, haar_cascade, largest_face
 
-__all__ = ["clip_starts", "fit_transform", "resample_track", "transform_points", "transform_boxes",
+__all__ = ["assign_split", "SPLITS", "clip_starts", "fit_transform", "resample_track", "transform_points", "transform_boxes",
            "slice_audio", "audio_samples_per_clip", "motion_mask", "smooth_boxes", "fill_missing_boxes",
            "crop_faces", "detect_faces_haar"]
 
@@ -220,3 +220,20 @@ def _haar_near(cascade, gray: np.ndarray, last: np.ndarray, track_search: float,
         return None  # the face left the frame
     sizes = (int(_TRACK_SIZES[0] * side * upscale), int(np.ceil(_TRACK_SIZES[1] * side * upscale)))
     return largest_face(cascade, gray[y0:y1, x0:x1], upscale, sizes, (x0, y0))
+
+
+SPLITS = ("train", "heldout")
+
+
+def assign_split(sidecar_split: str | None, identity_id: str, video_id: str, rule) -> str:
+    """"train" or "heldout" for one video: the sidecar's when allowed and valid, else by ``rule`` (a
+    `ray_jobs.preprocess.config.SplitConfig`) on the video's key (identity when known, else video id): an explicit list, or a salted hash under the fraction."""
+    import hashlib
+
+    if rule.use_sidecar and sidecar_split in SPLITS:
+        return sidecar_split
+    key = identity_id if identity_id not in ("", "unknown") else video_id
+    if rule.heldout:
+        return "heldout" if key in rule.heldout or video_id in rule.heldout else "train"
+    draw = int(hashlib.sha256(f"{rule.salt}:{key}".encode()).hexdigest()[:12], 16) / 16**12
+    return "heldout" if draw < rule.heldout_fraction else "train"

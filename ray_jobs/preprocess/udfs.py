@@ -18,13 +18,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from model.audio import audio_features
 from model.face import reference_face
 from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
                          iter_video_chunks, probe)
 from model.pose import render_pose
 from core.storage import Storage, StorageError, sha256_file
 from artifacts import tables as shards
+from artifacts.audio import shared_audio_encoder
 from ray_jobs.preprocess import stages
 from ray_jobs.preprocess.config import PreprocessConfig
 
@@ -234,9 +234,10 @@ class _VideoClips:
         tracks = _sidecar_tracks(self.sidecar, self.info, cfg, end)
         if self.base is None:  # the first window holds the video's first frame: the reference of every clip
             sidecar, source = self.sidecar, self.item["source"]
-            self.base = {"source": source, "video_id": str(sidecar.get("video_id") or Path(source).stem),
-                         "identity_id": str(sidecar.get("identity_id", "unknown")),
-                         "split": str(sidecar.get("split", "unknown")), "fps": float(cfg.fps),
+            video_id, identity = str(sidecar.get("video_id") or Path(source).stem), str(sidecar.get("identity_id", "unknown"))
+            self.base = {"source": source, "video_id": video_id, "identity_id": identity,
+                         "split": stages.assign_split(sidecar.get("split"), identity, video_id, cfg.split),
+                         "fps": float(cfg.fps),
                          "source_sha256": self.sha256, "error_stage": "", "error_reason": "",
                          "ref_frame": frames[0].copy(), "ref_face_box": _first_box(tracks),
                          "has_audio": self.wave is not None, **tracks["flags"]}
@@ -362,14 +363,19 @@ def _for_each_clip(batch: dict, stage: str, column: str, shape: tuple, dtype, fn
 
 
 def add_audio_features(batch: dict, cfg: PreprocessConfig) -> dict:
-    """map_batches UDF: `audio_feats` (B, T, W, n_mels); zeros for silent clips (has_audio False)."""
+    """map_batches UDF: `audio_feats` (B, T, W, n_mels); zeros for silent clips (has_audio False).
+
+    The configured encoder (log-mel or wav2vec2) is built once per worker process, and is the same
+    `model.audio.AudioEncoder` serving runs, so shards and served requests get the same features.
+    """
     feat_cfg = cfg.audio.features
     shape = (cfg.clip_frames, feat_cfg.window, feat_cfg.n_mels)
+    encoder = shared_audio_encoder(feat_cfg, cfg.storage)
 
     def features(i: int) -> np.ndarray:
         if not batch["has_audio"][i]:
             return np.zeros(shape, np.float32)
-        return audio_features(batch["audio"][i], cfg.fps, cfg.clip_frames, feat_cfg)
+        return encoder(batch["audio"][i], cfg.fps, cfg.clip_frames)
 
     _for_each_clip(batch, "audio_features", "audio_feats", shape, np.float32, features)
     return batch
