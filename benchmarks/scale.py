@@ -15,7 +15,12 @@ sections measured on different days or machines live side by side; a new section
   once with the threshold fixed at 256 KiB (RSS then follows live memory).
   Goals: ZeRO-3 per worker <= 0.6x the full copy, meta <= 0.6x the full copy (default malloc).
 
-    python benchmarks/scale.py [--only load] [--models small_tensors large_tensors]
+* ``distill``: peak RSS of one distillation worker (fp32, ZeRO-2, the ``small_tensors`` model as the
+  teacher, 4 synthetic videos) with ``student.mode=lora`` (teacher, student and EMA target on one shared
+  base) vs ``student.mode=full`` (three models plus the student's grads and Adam moments), same run
+  otherwise. Goal: LoRA <= 0.5x the full-copy peak.
+
+    python benchmarks/scale.py [--only load|distill] [--models small_tensors large_tensors] [--distill-steps 3]
 """
 
 from __future__ import annotations
@@ -164,7 +169,61 @@ def load_section(args: argparse.Namespace) -> tuple[list[dict], dict[str, Any]]:
     return goals, figures
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[list[dict], dict[str, Any]]]] = {"load": load_section}
+def _distill_inputs(work: Path, overrides: dict[str, Any]) -> tuple[str, str]:
+    """(shards, teacher export) for the distill section: 4 synthetic videos through preprocessing (tiny VAE),
+    and a random teacher of the tiny preset's class at ``overrides``'s dims."""
+    from core.config import load_config
+    from model.presets import ModelConfig, build_denoiser
+    from ray_jobs.preprocess.config import PreprocessConfig
+    from ray_jobs.preprocess.job import run as preprocess
+    from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
+
+    synthesize(SyntheticConfig(out=str(work / "synthetic"), num_videos=4, seed=3, duration=1.0, executor="local"))
+    preprocess(load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                           {"input": str(work / "synthetic" / "videos"), "output": str(work / "shards")}))
+    torch.manual_seed(0)
+    build_denoiser(ModelConfig(overrides=overrides)).save_pretrained(str(work / "teacher"), safe_serialization=True)
+    return str(work / "shards"), str(work / "teacher")
+
+
+def _distill_peak(work: Path, shards: str, teacher: str, mode: str, steps: int) -> dict[str, Any]:
+    """One 1-worker distillation run (fp32, ZeRO-2): its worker's peak RSS (max over steps) and step time."""
+    from core.config import load_config
+    from ray_jobs.distill_lcm import DistillConfig, run
+
+    cfg = load_config(DistillConfig, "ray_jobs/configs/tiny/distill_lcm.yaml", {
+        "data": shards, "teacher.path": teacher, "steps": steps, "batch_size": 1, "student.mode": mode,
+        "checkpoint.every_n_steps": steps, "validation.enabled": False, "scaling.num_workers": 1,
+        "run.storage_path": str(work / "runs"), "run.name": f"distill-{mode}"})
+    run(cfg)
+    lines = [json.loads(ln) for ln in (work / "runs" / f"distill-{mode}" / "metrics.jsonl").read_text().splitlines()]
+    return {"peak_rss_mb": round(max(ln["peak_rss_mb"] for ln in lines), 1),
+            "step_time_s": round(float(sorted(ln["step_time_s"] for ln in lines)[len(lines) // 2]), 2)}
+
+
+def distill_section(args: argparse.Namespace) -> tuple[list[dict], dict[str, Any]]:
+    """Peak RSS per distillation worker: a LoRA student on the shared base vs the full-copy student (student,
+    EMA target and teacher as three models, plus the student's grads and Adam moments), same run otherwise."""
+    from model.presets import ModelConfig, build_denoiser, count_parameters
+    from ray_jobs.common import RayConfig, init_ray
+
+    overrides = LOAD_MODELS["small_tensors"]
+    model_mb = count_parameters(build_denoiser(ModelConfig(overrides=overrides))) * 4 / 2**20
+    init_ray(RayConfig())
+    with tempfile.TemporaryDirectory(prefix="scale-distill-") as tmp:
+        shards, teacher = _distill_inputs(Path(tmp), overrides)
+        runs = {mode: _distill_peak(Path(tmp), shards, teacher, mode, args.distill_steps) for mode in ("full", "lora")}
+    ratio = runs["lora"]["peak_rss_mb"] / runs["full"]["peak_rss_mb"]
+    extra = runs["full"]["peak_rss_mb"] - runs["lora"]["peak_rss_mb"]
+    figures = {"overrides": overrides, "model_mb_fp32": round(model_mb, 1), "steps": args.distill_steps,
+               "runs": runs, "lora_over_full": round(ratio, 3), "full_minus_lora_mb": round(extra, 1),
+               "full_minus_lora_in_models": round(extra / model_mb, 2)}
+    return [_goal("distill: LoRA shared-base peak RSS per worker / full-copy student's (1 worker, fp32)",
+                  ratio, 0.5, "x")], figures
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[list[dict], dict[str, Any]]]] = {
+    "load": load_section, "distill": distill_section}
 
 
 def merge(path: Path, section: str, goals: list[dict], figures: dict[str, Any]) -> dict:
@@ -180,6 +239,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     parser.add_argument("--models", nargs="+", choices=sorted(LOAD_MODELS), default=list(LOAD_MODELS),
                         help="load: which models to measure (see LOAD_MODELS)")
+    parser.add_argument("--distill-steps", type=int, default=3, help="distill: optimizer steps per run")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     for section in args.only or sorted(SECTIONS):

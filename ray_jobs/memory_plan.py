@@ -267,8 +267,8 @@ def job_shape(job: str, cfg: Any) -> JobShape:
 
 
 def _distill_shape(cfg: Any, base: dict[str, Any]) -> JobShape:
-    """full: student + bf16 EMA target + frozen teacher (3 copies); lora: one base shared with the teacher,
-    adapters + the aux head trained, a bf16 EMA target of those."""
+    """full: student + bf16 EMA target + frozen teacher (3 copies, ZeRO <= 2: the job rejects ZeRO-3); lora: one
+    base shared with the teacher, adapters + the aux head trained, a bf16 EMA target of those (ZeRO-3 allowed)."""
     model_cfg = cfg.student_model_config()
     lora = (cfg.student.lora_rank, cfg.student.lora_targets) if cfg.student.mode == "lora" else None
     counts = parameter_counts(model_cfg, lora)
@@ -277,7 +277,7 @@ def _distill_shape(cfg: Any, base: dict[str, Any]) -> JobShape:
     ema = trainable if cfg.objective.export_ema_decay is not None else 0
     return JobShape(**{**base, "job": f"distill {cfg.student.mode}"}, engine_params=counts["total"],
                     trainable=trainable, frozen_copy_params=trainable + teacher, ema_fp32_params=ema,
-                    clips=cfg.batch_size, max_zero=2, block_params=counts["block"])
+                    clips=cfg.batch_size, max_zero=3 if lora else 2, block_params=counts["block"])
 
 
 def config_setting(cfg: Any) -> Setting:
