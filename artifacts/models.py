@@ -10,6 +10,8 @@ capped by ``storage.model_cache_max_entries`` / ``model_cache_max_gb``), not onc
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -44,11 +46,15 @@ def local_folder(path: str, storage: Storage, require_manifest: bool = False) ->
 
 
 def load_denoiser(cfg: ModelConfig, storage: Storage) -> AnimationDenoiser:
-    """`build_denoiser(cfg)` with ``cfg.pretrained_path`` local or remote."""
-    if cfg.pretrained_path is None:
-        return build_denoiser(cfg)
-    with local_folder(cfg.pretrained_path, storage) as folder:
-        return build_denoiser(cfg.model_copy(update={"pretrained_path": str(folder)}))
+    """`build_denoiser(cfg)` with ``cfg.pretrained_path`` and ``cfg.prompt_embedding`` local or remote."""
+    with contextlib.ExitStack() as stack:
+        update: dict[str, str] = {}
+        if cfg.prompt_embedding is not None and storage.is_s3(cfg.prompt_embedding):
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prompt-"))) / "prompt.safetensors"
+            update["prompt_embedding"] = str(storage.download_file(cfg.prompt_embedding, local))
+        if cfg.pretrained_path is not None:
+            update["pretrained_path"] = str(stack.enter_context(local_folder(cfg.pretrained_path, storage)))
+        return build_denoiser(cfg.model_copy(update=update))
 
 
 def load_vae(path: str | None, storage: Storage, device: str | torch.device | None = None,

@@ -94,7 +94,8 @@ class ModelConfig(StrictConfig):
     face_injection: bool = Field(True, description="face-latent cross-attention path (DanceLCM); False removes it")
     aux_head: bool = Field(False, description="light head predicting clean latents (DanceLCM L_aux)")
     ref_as_frame: bool = Field(False, description="also prepend the ref latent as an extra token frame (Wan-Animate)")
-    prompt_embedding: str | None = Field(None, description="local safetensors file of one (L, text_dim) tensor, an "
+    prompt_embedding: str | None = Field(None, description="safetensors file of one (L, text_dim) tensor (local; s3:// "
+                                         "through artifacts.models.load_denoiser), an "
                                          "encoded prompt (umT5 output) the prompt tokens start from where the "
                                          "weights have none of their own (random init, a Wan folder)")
     gradient_checkpointing: bool = Field(False, description="recompute each block in backward (memory for compute)")

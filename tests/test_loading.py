@@ -340,3 +340,17 @@ def test_peak_memory_meta_and_zero3_vs_full_copy(tmp_path):
     assert 280 < model_mb < 320 and full > 1.8 * model_mb, (model_mb, full)  # the baseline: model + source
     assert meta < 1.15 * model_mb, (meta, model_mb)
     assert zero3 < 0.75 * model_mb and zero3 < 0.4 * full, (zero3, model_mb, full)
+
+
+def test_prompt_embedding_from_s3_loads_through_the_storage(tmp_path, s3_bucket, s3_server):
+    """`artifacts.models.load_denoiser` fetches an ``s3://`` prompt file (model/ itself reads local files only)."""
+    from artifacts.models import load_denoiser
+    from core.storage import Storage, StorageConfig
+
+    embeds = _prompt_file(tmp_path / "p.safetensors", 12)
+    storage = Storage(StorageConfig(endpoint_url=s3_server.endpoint_url))
+    storage.upload_file(str(tmp_path / "p.safetensors"), f"{s3_bucket}/prompts/p.safetensors")
+    model = load_denoiser(ModelConfig(prompt_embedding=f"{s3_bucket}/prompts/p.safetensors"), storage)
+    assert torch.equal(model.context_tokens, embeds) and model.config.num_context_tokens == 12
+    with pytest.raises(ValueError, match="remote"):
+        build_denoiser(ModelConfig(prompt_embedding=f"{s3_bucket}/prompts/p.safetensors"))
