@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# fetch_models: BlazePose/BlazeFace into ~/.cache/human-animation/mediapipe (skipped when present, sha256 checked)
 demo: $(STAMP)
+	$(PY) -m ray_jobs.fetch_models
 	$(PY) -m ray_jobs.pipeline
 
 test: $(STAMP)
+	$(PY) -m ray_jobs.fetch_models
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

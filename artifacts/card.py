@@ -54,6 +54,11 @@ class DataCard(StrictConfig):
     vae_path: str | None = Field(None, description="the VAE that encoded the latents (None = the tiny checked-in one)")
     audio: AudioFeatureConfig = Field(default_factory=AudioFeatureConfig)
     frames: FrameGeometry = Field(default_factory=FrameGeometry)
+    store_pixels: bool = Field(True, description="train clips carry their pixel columns (frames, pose maps, "
+                               "face crops, raw audio); False: only held-out clips do, and readers draw the pose "
+                               "maps from keypoints (manifests from before the field: True)")
+    pose_conf_threshold: float = Field(0.3, ge=0, le=1, description="preprocessing's pose.render_conf_threshold: "
+                                       "the maps drawn from keypoints on a worker must be the ones it would store")
 
     @classmethod
     def from_manifest(cls, uri: str, manifest: dict[str, Any]) -> "DataCard":
@@ -61,8 +66,10 @@ class DataCard(StrictConfig):
         config = manifest.get("config", {})
         frames = {k: config[k] for k in ("height", "width", "fps", "clip_frames") if k in config}
         audio = config.get("audio", {}).get("features", {})
+        threshold = config.get("pose", {}).get("render_conf_threshold", 0.3)
         return cls(uri=uri, vae_path=config.get("vae", {}).get("path"), audio=AudioFeatureConfig(**audio),
-                   frames=FrameGeometry(**frames))
+                   frames=FrameGeometry(**frames), store_pixels=bool(manifest.get("store_pixels", True)),
+                   pose_conf_threshold=threshold)
 
 
 class ModelCard(StrictConfig):

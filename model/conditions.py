@@ -83,11 +83,14 @@ class Conditions:
     @classmethod
     def from_batch(cls, batch: Mapping[str, torch.Tensor], device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> "Conditions":
-        """Shard columns (docs/design.md) -> Conditions: uint8 pose (B,T,H,W,3) -> (B,3,T,H,W) in [-1,1]."""
+        """Shard columns (docs/design.md) -> Conditions: uint8 pose (B,T,H,W,3) -> (B,3,T,H,W) in [-1,1].
+
+        A batch without ``pose`` but with `model.pose.POSE_RENDER_COLUMNS` (shards written with
+        ``store_pixels: false``) gets its maps rendered here, on the worker, from the keypoints."""
         if "ref_latent" not in batch:
             raise KeyError("batch has no 'ref_latent' column (preprocess with the VAE on)")
         ref = torch.as_tensor(batch["ref_latent"])
-        pose = _pose_to_float(torch.as_tensor(batch["pose"])) if "pose" in batch else None
+        pose = _pose_condition(batch)
         audio = torch.as_tensor(batch["audio_feats"]) if "audio_feats" in batch else None
         face = torch.as_tensor(batch["ref_face_latent"]) if "ref_face_latent" in batch else None
         keep = {}
@@ -162,6 +165,32 @@ class Conditions:
     def repeat(self, times: int) -> "Conditions":
         """The batch repeated `times` times, [c, c, ...] (same order as torch.cat)."""
         return Conditions.cat([self] * times)
+
+
+def _pose_condition(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's pose maps as floats: stored (``pose``), else drawn from ``keypoints`` with the canvas
+    and threshold of its render columns, else None (no pose condition).
+
+    Why here: every consumer of shard batches (teacher, distillation, preferences, evaluation) builds
+    its conditions with `Conditions.from_batch`, so latent-first shards need no change in any of them.
+    """
+    from model.pose import POSE_RENDER_COLUMNS, render_pose_batch
+
+    if "pose" in batch:
+        return _pose_to_float(torch.as_tensor(batch["pose"]))
+    present = [c for c in POSE_RENDER_COLUMNS if c in batch]
+    if not set(present) - {"keypoints"}:  # keypoints alone are a column like any other, not a request to draw
+        return None
+    if len(present) < len(POSE_RENDER_COLUMNS):
+        raise KeyError(f"batch has {present} but not all of {list(POSE_RENDER_COLUMNS)}: cannot render its pose "
+                       "maps (read the shards with artifacts.shards.read_shards, which adds the canvas columns)")
+    canvas = {c: torch.as_tensor(batch[c]).reshape(-1).unique() for c in POSE_RENDER_COLUMNS[1:]}
+    if any(len(v) != 1 for v in canvas.values()):
+        raise ValueError(f"one batch must share one pose canvas, got {({k: v.tolist() for k, v in canvas.items()})}")
+    keypoints = torch.as_tensor(batch["keypoints"]).cpu().numpy()
+    maps = render_pose_batch(keypoints, int(canvas["pose_height"]), int(canvas["pose_width"]),
+                             float(canvas["pose_conf_threshold"]))
+    return _pose_to_float(torch.from_numpy(maps))
 
 
 def _pose_to_float(pose_uint8: torch.Tensor) -> torch.Tensor:

@@ -6,15 +6,18 @@ would hand the model the ground-truth mouth in training while serving only has t
 Preprocessing (`ray_jobs.preprocess`) and serving (`serving.engine`) both call `reference_face`, so
 the crop a model was trained on is the crop it is served with.
 
-Detection is OpenCV's bundled frontal-face Haar cascade (OpenCV 4.x): the project's detector, also
-used as a track over clips by `ray_jobs.preprocess.stages.detect_faces_haar`. A caller that knows
-the box (a sidecar, a client's `face_box`) passes it and nothing is detected.
+Detection (`FaceCropConfig.detector`): OpenCV's bundled frontal-face Haar cascade (OpenCV 4.x), also
+used as a track over clips by `ray_jobs.preprocess.stages.detect_faces_haar`; or MediaPipe's BlazeFace
+(`model.blazepose.BlazeFaceDetector`, a trained CNN, from the model cache that
+``python -m ray_jobs.fetch_models`` fills); 'auto' takes BlazeFace when its model is in the cache and
+Haar otherwise. Both sides read the detector from the same config class, so they cut the same face.
+A caller that knows the box (a sidecar, a client's `face_box`) passes it and nothing is detected.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -23,7 +26,7 @@ from pydantic import Field
 from core.config import StrictConfig
 
 __all__ = ["FaceCropConfig", "ReferenceFace", "haar_cascade", "largest_face", "detect_face", "crop_faces",
-           "reference_face"]
+           "reference_face", "face_detector", "resolve_detector"]
 
 
 class FaceCropConfig(StrictConfig):
@@ -33,6 +36,12 @@ class FaceCropConfig(StrictConfig):
     margin: float = Field(1.2, ge=1.0, description="crop edge = margin * max(box w, h), so the crop holds the whole head")
     min_side: int = Field(192, ge=24, description="Haar: images are upscaled to this short side first (the "
                                                   "cascade's 24x24 window misses the few-pixel faces of small frames)")
+    detector: Literal["haar", "auto", "blazeface"] = Field(
+        "haar", description="face detector when no box is given: OpenCV's Haar cascade; 'blazeface' (MediaPipe "
+        "BlazeFace from model_dir, `python -m ray_jobs.fetch_models`); 'auto': BlazeFace when its model is "
+        "there, else Haar")
+    model_dir: str | None = Field(None, description="local BlazeFace model cache; None = "
+                                  "~/.cache/human-animation/mediapipe (resolved when a face is detected)")
 
 
 class ReferenceFace(NamedTuple):
@@ -71,8 +80,26 @@ def largest_face(cascade, gray: np.ndarray, upscale: float, sizes: tuple[int, in
     return np.array([x, y, x + w, y + h], np.float32) / upscale + np.array(origin * 2, np.float32)
 
 
+def resolve_detector(detector: str, model_dir: str | None) -> str:
+    """'auto' -> 'blazeface' when its model is in `model_dir` (None: the default cache), else 'haar'."""
+    from model.blazepose import has_model
+
+    if detector == "auto":
+        return "blazeface" if has_model(model_dir, "face_detection_short_range.tflite") else "haar"
+    return detector
+
+
+def face_detector(cfg: FaceCropConfig) -> Callable[[np.ndarray], np.ndarray | None]:
+    """RGB uint8 (H, W, 3) -> face box float32 (4,) or None, by `cfg.detector` (BlazeFace loaded once a process)."""
+    if resolve_detector(cfg.detector, cfg.model_dir) == "blazeface":
+        from model.blazepose import default_model_dir, load_blazeface
+
+        return load_blazeface(str(cfg.model_dir or default_model_dir()))
+    return lambda image: detect_face(image, cfg.min_side)
+
+
 def detect_face(image: np.ndarray, min_side: int = 192) -> np.ndarray | None:
-    """The largest face of an RGB image uint8 (H, W, 3) as float32 (4,) [x0, y0, x1, y1], or None."""
+    """The largest Haar face of an RGB image uint8 (H, W, 3) as float32 (4,) [x0, y0, x1, y1], or None."""
     upscale = max(1.0, min_side / min(image.shape[:2]))
     return largest_face(haar_cascade(), cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY), upscale)
 
@@ -104,7 +131,7 @@ def reference_face(image: np.ndarray, cfg: FaceCropConfig, box: np.ndarray | Non
     """
     box = None if box is None or not np.isfinite(np.asarray(box, np.float32)).all() else np.asarray(box, np.float32)
     if box is None and detect:
-        box = detect_face(image, cfg.min_side)
+        box = face_detector(cfg)(image)
     if box is None:
         return ReferenceFace(np.zeros((cfg.size, cfg.size, 3), np.uint8), np.full(4, np.nan, np.float32), False)
     crop = crop_faces(np.asarray(image)[None], box[None], cfg.size, cfg.margin)[0]

@@ -10,7 +10,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["COCO17_NAMES", "COCO17_LIMBS", "LIMB_COLORS", "JOINT_COLOR", "render_pose", "render_pose_frame"]
+__all__ = ["COCO17_NAMES", "COCO17_LIMBS", "LIMB_COLORS", "JOINT_COLOR", "POSE_RENDER_COLUMNS", "render_pose",
+           "render_pose_frame", "render_pose_batch"]
+
+# Batch columns from which a worker renders the pose maps of shards written without them
+# (`store_pixels: false`): the keypoints, and the canvas and threshold preprocessing drew with, added
+# by `artifacts.shards.read_shards` from the data card (`model.conditions.Conditions.from_batch`).
+POSE_RENDER_COLUMNS: tuple[str, ...] = ("keypoints", "pose_height", "pose_width", "pose_conf_threshold")
 
 COCO17_NAMES: tuple[str, ...] = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear",
@@ -93,3 +99,19 @@ def render_pose(keypoints: np.ndarray, height: int, width: int, conf_threshold: 
     for canvas, points, visible in zip(frames, *_fixed_point(keypoints, conf_threshold)):
         _draw_skeleton(canvas, points, visible)  # each frames[t] is a contiguous view cv2 draws into
     return frames
+
+
+def render_pose_batch(keypoints: np.ndarray, height: int, width: int, conf_threshold: float) -> np.ndarray:
+    """(B, T, 17, 3) keypoints -> uint8 (B, T, H, W, 3) maps, clip by clip with `render_pose`.
+
+    Why: shards of real presets hold keypoints, not the ~97 MB a clip of maps (`store_pixels`); the
+    training worker draws them with this, the very renderer preprocessing used, so they are bitwise
+    the maps preprocessing would have stored (tests/test_preprocess.py checks it on the tiny data).
+    """
+    keypoints = np.asarray(keypoints)
+    if keypoints.ndim != 4:
+        raise ValueError(f"keypoints must be (B, T, 17, 3), got {keypoints.shape}")
+    maps = np.zeros((keypoints.shape[0], keypoints.shape[1], height, width, 3), np.uint8)
+    for clip, out in zip(keypoints, maps):
+        render_pose(clip, height, width, conf_threshold, out=out)
+    return maps

@@ -176,6 +176,7 @@ def test_local_run_clips_errors_schema_and_incremental_resume(ray_local, videos,
     assert [r["run"] for r in manifest["runs"]] == ["run-0001", "run-0002"] and manifest["counts"]["clips"] == 4
     assert manifest["runs"][0]["stage_seconds"] == first["stage_seconds"]
     assert manifest["shard_encoding"] == shards.ENCODING
+    assert manifest["store_pixels"] is True and manifest["schema"]["frames"] == f"uint8 ({T}, {SIZE}, {SIZE}, 3)"
     assert manifest["sources"][str(inputs / "good1.mp4")]["status"] == "ok"
     assert manifest["sources"][str(inputs / "empty.mp4")]["status"] == "failed"
     assert len(manifest["sources"][str(inputs / "good0.mp4")]["sha256"]) == 64
@@ -698,3 +699,92 @@ def test_clips_of_a_video_without_a_split_in_its_sidecar_get_the_rules_split():
         clips = udfs.clips_from_frames("v0.mp4", sidecar, video.frames, video.audio, cfg)
         assert len(clips["split"]) >= 1 and set(clips["split"]) == {assign_split(None, "unknown", "v0", rule)}
     assert set(clips["identity_id"]) == {"unknown"}
+
+
+# ------------------------------------------------------------------ latent-first shards (store_pixels)
+def _tiny_clips(split: str, **overrides) -> tuple[dict, PreprocessConfig]:
+    """The CPU stages' clips of one 1 s synthetic video at the tiny geometry, all of `split`."""
+    video = generate_video(SyntheticConfig(out="unused", duration=1.0, seed=5), 0)
+    cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                      {"input": "in", "output": "out", "vae": {"enabled": False}, **overrides})
+    return udfs.clips_from_frames("v0.mp4", {**video.sidecar, "split": split}, video.frames, video.audio, cfg), cfg
+
+
+def _write_output(root: Path, clips: dict, cfg: PreprocessConfig) -> str:
+    """`udfs.write_shard` into root/run-0001/shards and a manifest as the job writes it (one run)."""
+    from ray_jobs.preprocess.job import _schema_doc
+
+    summary = udfs.write_shard({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in clips.items()},
+                               cfg, str(root / "run-0001" / "shards"))
+    manifest = {"runs": [{"run": "run-0001"}], "shards": [f"run-0001/shards/{summary['shard'][0]}"],
+                "config": cfg.model_dump(mode="json"), "store_pixels": cfg.stores_pixels, "schema": _schema_doc(cfg)}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root / manifest["shards"][0])
+
+
+def test_store_pixels_auto_keeps_tiny_shards_as_they_were_and_drops_real_preset_pixels(tmp_path):
+    from artifacts.shards import PIXEL_COLUMNS
+
+    clips, cfg = _tiny_clips("train")
+    assert cfg.store_pixels is None and cfg.stores_pixels  # auto: tiny keeps its pixels
+    real = cfg.model_copy(update={"width": 832, "height": 480, "clip_frames": 81})
+    assert not real.stores_pixels and real.model_copy(update={"store_pixels": True}).stores_pixels
+    good = {c: np.asarray(clips[c]) for c in udfs.SHARD_COLUMNS}
+    tmp = tmp_path
+    with_pixels = Path(_write_output(tmp, clips, cfg)).read_bytes()
+    assert with_pixels == shards.parquet_bytes(good, cfg.shard_compression)  # bit-identical to before the option
+    lean_cfg = cfg.model_copy(update={"store_pixels": False})
+    lean, _ = _tiny_clips("train", store_pixels=False)
+    assert not lean["pose"].any() and clips["pose"].any()  # train maps are never drawn without pixels
+    assert np.array_equal(lean["keypoints"], clips["keypoints"]) and np.array_equal(lean["frames"], clips["frames"])
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(_write_output(tmp / "lean", lean, lean_cfg))
+    assert {c: table.column(c).null_count for c in PIXEL_COLUMNS} == {c: len(clips["split"]) for c in PIXEL_COLUMNS}
+    assert table.schema.field("frames").nullable and not table.schema.field("keypoints").nullable
+    assert shards.tensor_column_schema(table.schema, ["pose"]) == {"pose": (np.dtype(np.uint8), (T, SIZE, SIZE, 3))}
+    assert np.array_equal(shards.table_to_numpy(table)["motion_mask"], clips["motion_mask"])
+    lean_bytes = (tmp / "lean" / json.loads((tmp / "lean" / "manifest.json").read_text())["shards"][0]).stat().st_size
+    assert lean_bytes < len(with_pixels) / 3, (lean_bytes, len(with_pixels))
+    manifest = json.loads((tmp / "lean" / "manifest.json").read_text())
+    assert manifest["store_pixels"] is False and "null in train rows" in manifest["schema"]["frames"]
+    from ray_jobs.preprocess.job import check_compatible
+
+    with pytest.raises(ValueError, match="store_pixels=False"):
+        check_compatible(cfg.model_copy(update={"output": "out"}), manifest)
+
+
+def test_pose_maps_drawn_on_the_worker_equal_the_stored_ones_bitwise(ray_local, tmp_path):
+    """Train clips without pixels read through `read_shards` as keypoints + canvas; `Conditions.from_batch`
+    draws the maps on the worker, and they equal the maps a store_pixels=true run stored, bit for bit."""
+    import torch
+
+    from artifacts.shards import data_card, read_shards, take_clips
+    from model.conditions import Conditions
+    from model.pose import render_pose_batch
+    from ray_jobs.training.teacher_objective import TRAIN_COLUMNS
+
+    stored, cfg = _tiny_clips("train")
+    assert np.array_equal(render_pose_batch(stored["keypoints"], SIZE, SIZE, cfg.pose.render_conf_threshold),
+                          stored["pose"])
+    lean, lean_cfg = _tiny_clips("train", store_pixels=False, pose={"render_conf_threshold": 0.5})
+    lean["keypoints"][:, :, 5:11, 2] = 0.4  # arms under this data's threshold, above the default's
+    _write_output(tmp_path, {**lean, "split": np.array(["heldout"] + ["train"] * (len(lean["split"]) - 1),
+                                                      dtype=object)}, lean_cfg)
+    card = data_card(str(tmp_path), Storage())
+    assert (card.store_pixels, card.pose_conf_threshold, card.frames.height) == (False, 0.5, SIZE)
+    columns = [c for c in TRAIN_COLUMNS if c not in ("latents", "ref_latent", "ref_face_latent")]
+    batch = read_shards(str(tmp_path), Storage(), "train", columns).take_batch(8, batch_format="numpy")
+    assert "pose" not in batch and set(batch["pose_height"]) == {SIZE} and set(batch["pose_conf_threshold"]) == {0.5}
+    tensors = {k: torch.as_tensor(v) for k, v in batch.items()}
+    drawn = Conditions.from_batch({**tensors, "ref_latent": torch.zeros(len(batch["keypoints"]), 1)}).pose
+    want = render_pose_batch(lean["keypoints"][1:], SIZE, SIZE, 0.5)
+    assert want.any() and not np.array_equal(want, stored["pose"][1:])  # the threshold matters
+    from_stored = Conditions.from_batch({"ref_latent": torch.zeros(len(want), 1), "pose": torch.from_numpy(want)}).pose
+    assert torch.equal(drawn, from_stored)
+    with pytest.raises(ValueError, match=r"no \['frames'\]"):
+        read_shards(str(tmp_path), Storage(), "train", ["frames", "keypoints"])
+    heldout = take_clips(str(tmp_path), Storage(), "heldout", 1)[0]
+    assert np.array_equal(heldout["frames"], lean["frames"][0]) and heldout["pose"].shape == (T, SIZE, SIZE, 3)
+    train = take_clips(str(tmp_path), Storage(), "train", 1)[0]
+    assert "frames" not in train and "pose" not in train and np.array_equal(train["keypoints"], lean["keypoints"][1])

@@ -63,3 +63,70 @@ def test_an_output_never_mixes_tensor_encodings():
     check_encoding(cfg, {"runs": [{"run": "run-0001"}], "shard_encoding": shards.ENCODING})
     with pytest.raises(ValueError, match="fresh output"):
         check_encoding(cfg, {"runs": [{"run": "run-0001"}]})  # written before the encoding was recorded
+
+
+# ------------------------------------------------------------------ latent-first shards (store_pixels)
+def test_pixel_columns_of_rows_not_kept_are_nulls_that_cost_no_bytes(tmp_path):
+    from artifacts.shards import _table_rows, shard_bytes
+
+    rng = np.random.default_rng(1)
+    columns = {**_columns(rng, 4), "pose": rng.integers(0, 256, (4, 3, 5, 4, 3), dtype=np.uint8)}
+    assert shard_bytes(columns, "lz4") == shards.parquet_bytes(columns, "lz4")  # store_pixels: true is unchanged
+    kept = np.array([True, False, False, True])
+    path = tmp_path / "part.parquet"
+    path.write_bytes(shard_bytes(columns, "none", kept))
+    table = pq.read_table(path)
+    assert [table.column(c).null_count for c in ("frames", "pose", "latents")] == [2, 2, 0]
+    meta = pq.read_metadata(path).row_group(0)
+    sizes = {meta.column(i).path_in_schema: meta.column(i).total_compressed_size for i in range(meta.num_columns)}
+    assert sizes["frames"] < 2 * columns["frames"][0].nbytes + 100  # two stored values, uncompressed
+    assert sizes["frames"] > 2 * columns["frames"][0].nbytes
+    rows = _table_rows(table)
+    assert np.array_equal(rows[3]["frames"], columns["frames"][3]) and np.array_equal(rows[0]["pose"], columns["pose"][0])
+    assert "frames" not in rows[1] and "pose" not in rows[2]  # absent, not zeros
+    assert np.array_equal(rows[1]["latents"], columns["latents"][1]) and rows[1]["video_id"] == "v1"
+
+
+def test_read_columns_serves_pose_as_keypoints_and_the_cards_canvas_without_pixels():
+    from artifacts.card import DataCard, FrameGeometry
+    from artifacts.shards import read_columns
+    from ray_jobs.training.teacher_objective import TRAIN_COLUMNS
+
+    lean = DataCard(uri="s3://b/shards", store_pixels=False, pose_conf_threshold=0.4,
+                    frames=FrameGeometry(height=480, width=832, clip_frames=81))
+    read, constants = read_columns(lean, "train", TRAIN_COLUMNS)
+    assert "pose" not in read and read.count("keypoints") == 1 and "latents" in read and "pose_height" not in read
+    assert constants == {"pose_height": 480, "pose_width": 832, "pose_conf_threshold": 0.4}
+    full = lean.model_copy(update={"store_pixels": True})
+    assert read_columns(full, "train", TRAIN_COLUMNS) == ([c for c in TRAIN_COLUMNS if not c.startswith("pose_")], {})
+    assert read_columns(lean, "heldout", ["frames", "pose"]) == (["frames", "pose"], {})  # held-out keeps pixels
+    assert read_columns(lean, "train", ["latents"]) == (["latents"], {})
+    with pytest.raises(ValueError, match=r"store_pixels: false.*\['audio', 'frames'\]"):
+        read_columns(lean, "train", ["frames", "audio", "pose"])
+    manifest = {"store_pixels": False, "config": {"height": 480, "width": 832, "pose": {"render_conf_threshold": 0.4}}}
+    card = DataCard.from_manifest("u", manifest)
+    assert (card.store_pixels, card.pose_conf_threshold, card.frames.width) == (False, 0.4, 832)
+    assert DataCard.from_manifest("u", {"config": {}}).store_pixels  # manifests from before the option kept pixels
+
+
+def test_conditions_draw_pose_from_keypoints_only_with_the_whole_canvas():
+    import torch
+
+    from model.conditions import Conditions
+    from model.pose import render_pose_batch
+
+    keypoints = np.zeros((2, 3, 17, 3), np.float32)
+    keypoints[..., 0], keypoints[..., 1], keypoints[..., 2] = 10 + np.arange(17), 20, 1.0
+    batch = {"ref_latent": torch.zeros(2, 1), "keypoints": torch.from_numpy(keypoints),
+             "pose_height": torch.tensor([40, 40]), "pose_width": torch.tensor([48, 48]),
+             "pose_conf_threshold": torch.tensor([0.3, 0.3], dtype=torch.float64)}
+    drawn = Conditions.from_batch(batch).pose
+    maps = render_pose_batch(keypoints, 40, 48, 0.3)
+    assert drawn.shape == (2, 3, 3, 40, 48) and maps.any()
+    assert torch.equal(drawn, Conditions.from_batch({"ref_latent": batch["ref_latent"],
+                                                     "pose": torch.from_numpy(maps)}).pose)
+    assert Conditions.from_batch({"ref_latent": batch["ref_latent"], "keypoints": batch["keypoints"]}).pose is None
+    with pytest.raises(KeyError, match="pose_width"):
+        Conditions.from_batch({k: v for k, v in batch.items() if k != "pose_width"})
+    with pytest.raises(ValueError, match="one pose canvas"):
+        Conditions.from_batch({**batch, "pose_height": torch.tensor([40, 32])})

@@ -14,9 +14,12 @@ from model.vae import VAEConfig
 from ray_jobs.common import RayConfig
 
 __all__ = ["PreprocessConfig", "VaeStageConfig", "SplitConfig", "PoseStageConfig", "FaceStageConfig", "AudioStageConfig",
-           "VIDEO_EXTENSIONS"]
+           "VIDEO_EXTENSIONS", "AUTO_PIXEL_BYTES"]
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm")
+# store_pixels=None keeps train clips' pixels up to this many bytes of frames a clip (tiny 8x64x64: 96 KiB,
+# 8x256x256: 1.5 MiB) and drops them above (81x480x832: 93 MiB).
+AUTO_PIXEL_BYTES = 8 << 20
 
 
 class AudioStageConfig(StrictConfig):
@@ -33,12 +36,23 @@ class AudioStageConfig(StrictConfig):
 
 
 class PoseStageConfig(StrictConfig):
-    """Where keypoints come from when a video has no sidecar JSON with `keypoints`."""
+    """Where keypoints come from when a video has no sidecar JSON with `keypoints`.
 
-    extractor: Literal["none", "onnx"] = Field("none", description="'none': a video without sidecar keypoints "
-                                               "is an error row; 'onnx': run OnnxPoseExtractor")
+    Default 'blazepose': MediaPipe's BlazePose through LiteRT (`model.blazepose.BlazePoseExtractor`), its
+    models in a cache that ``python -m ray_jobs.fetch_models`` fills (``make test`` / ``make demo`` do).
+    No silent fallback: with the cache empty, a clip that needs the extractor fails naming that command
+    (`ray_jobs.preprocess.pose.check_pose_models` is the job-start check). 'onnx' stays for RTMPose/DWPose.
+    """
+
+    extractor: Literal["none", "onnx", "blazepose"] = Field(
+        "blazepose", description="'none': a video without sidecar keypoints is an error row; 'onnx': run "
+        "OnnxPoseExtractor (model_path); 'blazepose': MediaPipe BlazePose from model_dir")
     model_path: str | None = Field(None, description="ONNX top-down COCO-17 pose model (local or s3://) for 'onnx'")
+    model_dir: str | None = Field(None, description="BlazePose/BlazeFace model cache (local folder or s3:// "
+                                  "prefix) filled by `python -m ray_jobs.fetch_models --cache ...`; None = "
+                                  "~/.cache/human-animation/mediapipe")
     input_size: tuple[int, int] = Field((192, 256), description="(W, H) input of the ONNX model (RTMPose-s: 192x256)")
+    smooth: bool = Field(True, description="blazepose: One Euro filter over each clip's keypoint track")
     render_conf_threshold: float = Field(0.3, ge=0, le=1, description="joints below this confidence are not drawn")
 
     @model_validator(mode="after")
@@ -63,14 +77,16 @@ class SplitConfig(StrictConfig):
 
 
 class FaceStageConfig(FaceCropConfig):
-    """Face crop track: sidecar `face_boxes`, else OpenCV's bundled Haar cascade; smoothed over time.
+    """Face crop track: sidecar `face_boxes`, else the detector (`model.face.FaceCropConfig.detector`); smoothed.
 
     The crop geometry (size, margin) is `model.face.FaceCropConfig`'s, shared with serving: each video's
     reference face crop (the denoiser's face condition) is cut the same way in both.
     """
 
-    detector: Literal["haar", "none"] = Field("haar", description="for videos without sidecar face_boxes: OpenCV's "
-                                              "bundled Haar cascade (OpenCV 4.x), or 'none' (has_face=False)")
+    detector: Literal["haar", "auto", "blazeface", "none"] = Field(
+        "haar", description="for videos without sidecar face_boxes: OpenCV's bundled Haar cascade (OpenCV 4.x); "
+        "'blazeface' (MediaPipe BlazeFace from model_dir); 'auto' (BlazeFace when its model is in model_dir, "
+        "else Haar); or 'none' (has_face=False)")
     smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
     min_detect_fraction: float = Field(0.5, gt=0, le=1, description="Haar: a clip needs a detection in at least "
                                        "this fraction of its searched frames, else has_face=False")
@@ -128,6 +144,12 @@ class PreprocessConfig(StrictConfig):
     motion_delta: float = Field(0.04, gt=0, lt=1, description="DanceLCM delta: a pixel moves when its max-channel "
                                 "|f_t - f_t+-1| in [0, 1] intensity exceeds this")
     shard_clips: int = Field(64, ge=1, description="clips per Parquet shard (at most)")
+    store_pixels: bool | None = Field(None, description="write the pixel columns (frames, ref_frame, pose maps, "
+                                      "face crops, ref face crop, raw audio) of train clips too; held-out clips "
+                                      "always keep them (evaluation, validation samples). None = auto: keep them "
+                                      "when a clip's frames are at most AUTO_PIXEL_BYTES (the tiny and 256x256 "
+                                      "geometries), drop them at real presets (81x480x832: ~200 MB of frames and "
+                                      "pose maps a clip a training step never reads); see `stores_pixels`")
     shard_compression: Literal["lz4", "zstd", "snappy", "none"] = Field(
         "lz4", description="Parquet codec of the shards (tensor columns are raw bytes, never dictionary-encoded). "
         "16-clip shard write with fsync: at 64x64 lz4 ~ none ~ 11 ms (lz4 file 2.3x smaller), zstd 17 ms; "
@@ -155,6 +177,19 @@ class PreprocessConfig(StrictConfig):
     vae: VaeStageConfig = VaeStageConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+
+    @property
+    def stores_pixels(self) -> bool:
+        """`store_pixels` resolved: whether train clips keep their pixel columns (`udfs.PIXEL_COLUMNS`).
+
+        Auto (None) keeps them only for small clips: the tiny default's evaluation, preference and
+        pretraining paths read train frames, and they cost ~0.2 MB a clip there; at 81x480x832 the
+        frames and pose maps are ~97 MB each, and training reads latents, keypoints (pose maps are
+        re-rendered on the worker, `model.conditions.Conditions.from_batch`), audio features and masks.
+        """
+        if self.store_pixels is not None:
+            return self.store_pixels
+        return self.clip_frames * self.height * self.width * 3 <= AUTO_PIXEL_BYTES
 
     @model_validator(mode="after")
     def _geometry(self) -> "PreprocessConfig":

@@ -25,7 +25,9 @@ from typing import Any
 
 from core.storage import Storage, StorageNotFoundError
 from artifacts import tables as shards
+from artifacts.shards import PIXEL_COLUMNS
 from ray_jobs.preprocess import udfs
+from ray_jobs.preprocess.pose import check_pose_models
 from ray_jobs.preprocess.config import VIDEO_EXTENSIONS, PreprocessConfig
 
 __all__ = ["run", "list_inputs", "plan_inputs", "check_compatible", "check_encoding", "build_dataset", "MANIFEST_FILE"]
@@ -109,6 +111,10 @@ def check_compatible(cfg: PreprocessConfig, manifest: dict) -> None:
         if before != after:
             raise ValueError(f"{cfg.output} holds shards made with {dotted}={before!r}; this run has {after!r}. "
                              "Use a fresh output for a different geometry.")
+    stored = manifest.get("store_pixels", True)  # outputs from before the option kept every clip's pixels
+    if manifest.get("runs") and stored != cfg.stores_pixels:
+        raise ValueError(f"{cfg.output} holds shards written with store_pixels={stored}; this run resolves it to "
+                         f"{cfg.stores_pixels}: one output keeps one shard schema. Use a fresh output.")
     if "split" in old and old["split"] != new["split"]:  # outputs from before split rules have none to compare
         raise ValueError(f"{cfg.output} holds clips split by split={old['split']!r}; this run has {new['split']!r}: "
                          "one output keeps one split rule (a video must not move between train and heldout)")
@@ -246,6 +252,7 @@ def run(cfg: PreprocessConfig) -> dict[str, Any]:
                              "videos_skipped": len(skipped), "clips_written": 0, "error_rows": 0, "shards": [],
                              "stage_seconds": {}})
     check_encoding(cfg, manifest)
+    check_pose_models(cfg, storage)  # an empty model cache fails here, naming the command that fills it
     run_name = _next_run_name(storage, cfg.output, manifest)
     run_dir = storage.join(cfg.output, run_name)
     with _data_context(cfg):
@@ -276,6 +283,7 @@ def _update_manifest(storage: Storage, cfg: PreprocessConfig, manifest: dict, en
     manifest["shards"] = sorted(set(manifest["shards"]) | set(summary["shards"]))
     manifest["config"] = cfg.model_dump(mode="json")
     manifest["shard_encoding"] = shards.ENCODING
+    manifest["store_pixels"] = cfg.stores_pixels  # resolved (config.store_pixels may be None = auto)
     manifest["schema"] = _schema_doc(cfg)
     statuses = Counter(e["status"] for e in manifest["sources"].values())
     manifest["counts"] = {"videos": len(manifest["sources"]), **{f"videos_{k}": v for k, v in statuses.items()},
@@ -302,6 +310,8 @@ def _schema_doc(cfg: PreprocessConfig) -> dict[str, str]:
     if cfg.vae.enabled:
         doc.update(latents="float32 (C, t, h, w)", ref_latent="float32 (C, 1, h, w)",
                    ref_face_latent="float32 (C, 1, hf, wf)")
+    if not cfg.stores_pixels:
+        doc.update({name: f"{doc[name]}, null in train rows (store_pixels: false)" for name in PIXEL_COLUMNS})
     return doc
 
 

@@ -11,18 +11,25 @@ written. The tests run a real ONNX graph with RTMPose's SimCC interface through 
 (one with known answers: every joint on the brightest spot), loaded from a local path and from S3
 inside the job, which checks the letterbox, the session call, the decoding and the mapping back to
 frame pixels; the heatmap decoding and the missing-dependency error are tested on their own.
+
+The default extractor is MediaPipe's BlazePose (`model.blazepose.BlazePoseExtractor`, same call), a
+trained detector + landmark model fetched by ``python -m ray_jobs.fetch_models``. Its cache may be on
+S3; `local_model_dir` copies it to the node's model cache (`core.model_cache`) since model/ reads
+local paths only, and `check_pose_models` is the start-of-job check that names the fetch command.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from functools import lru_cache
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["PoseExtractor", "OnnxPoseExtractor", "decode_simcc", "decode_heatmaps", "load_extractor"]
+__all__ = ["PoseExtractor", "OnnxPoseExtractor", "decode_simcc", "decode_heatmaps", "load_extractor",
+           "local_model_dir", "load_blazepose_extractor", "check_pose_models"]
 
 # ImageNet statistics used by RTMPose/DWPose preprocessing (RGB, 0-255 scale).
 _MEAN = np.array([123.675, 116.28, 103.53], np.float32)
@@ -109,3 +116,55 @@ def load_extractor(model_path: str, input_size: tuple[int, int], storage_json: s
 
     storage = Storage(StorageConfig.model_validate_json(storage_json))
     return OnnxPoseExtractor(model_path, input_size, storage)
+
+
+_HELD = contextlib.ExitStack()  # node-cache entries this process reads from (held shared until it exits)
+
+
+@lru_cache(maxsize=4)
+def local_model_dir(model_dir: str | None, storage_json: str) -> str:
+    """A local folder with the BlazePose/BlazeFace models: `model_dir` itself, the default cache (None),
+    or, for ``s3://``, the node's copy (`core.model_cache.cached_folder`, locked for this process's life)."""
+    from core.model_cache import cached_folder
+    from core.storage import Storage, StorageConfig
+    from model.blazepose import default_model_dir
+
+    if not model_dir:
+        return str(default_model_dir())
+    if not Storage.is_s3(model_dir):
+        return model_dir
+    storage = Storage(StorageConfig.model_validate_json(storage_json))
+    return str(_HELD.enter_context(cached_folder(storage, model_dir)))
+
+
+@lru_cache(maxsize=2)
+def load_blazepose_extractor(model_dir: str | None, fps: float, smooth: bool, storage_json: str):
+    """One BlazePose extractor per worker process and cache (LiteRT interpreters are slow to build)."""
+    from model.blazepose import BlazePoseExtractor
+
+    return BlazePoseExtractor(local_model_dir(model_dir, storage_json), fps=fps, smooth=smooth)
+
+
+def check_pose_models(cfg, storage=None) -> None:
+    """Job start: FileNotFoundError naming `python -m ray_jobs.fetch_models` when the configured
+    extractor (pose 'blazepose') or face detector ('blazeface') has no model in its cache.
+
+    `cfg` is a `PreprocessConfig`; 'auto' face detection never fails (Haar is its fallback).
+    """
+    from model.blazepose import FETCH_COMMAND, check_model_dir
+
+    needed = []
+    if cfg.pose.extractor == "blazepose":
+        needed += [(cfg.pose.model_dir, ("pose_detection.tflite", "pose_landmark_full.tflite"))]
+    if cfg.face.detector == "blazeface":
+        needed += [(cfg.face.model_dir, ("face_detection_short_range.tflite",))]
+    for folder, names in needed:
+        if folder and "://" in folder:
+            if storage is None:
+                raise ValueError(f"model cache {folder} is remote: pass the job's Storage")
+            missing = [n for n in names if not storage.exists(storage.join(folder, n))]
+            if missing:
+                raise FileNotFoundError(f"model cache {folder} lacks {', '.join(missing)}: fill it with "
+                                        f"`{FETCH_COMMAND} --cache {folder}`")
+        else:
+            check_model_dir(folder, names)

@@ -18,11 +18,15 @@ from core.config import StrictConfig
 from model.conditions import CONDITION_NAMES, Conditions
 from model.flow import add_noise, sample_training_sigmas
 from model.losses import flow_matching_loss
+from model.pose import POSE_RENDER_COLUMNS
 
 __all__ = ["TRAIN_COLUMNS", "TeacherObjective", "teacher_loss"]
 
 # Shard columns a training step needs (docs/design.md); strings and pixels stay out of the batches.
-TRAIN_COLUMNS = ["latents", "ref_latent", "pose", "audio_feats", "ref_face_latent", "has_audio", "has_ref_face", "motion_mask"]
+# "pose" with the render columns: shards with pose maps give "pose", shards written with store_pixels:
+# false give keypoints and the canvas instead, drawn into maps on the worker (`artifacts.shards.read_columns`).
+TRAIN_COLUMNS = ["latents", "ref_latent", "pose", *POSE_RENDER_COLUMNS, "audio_feats", "ref_face_latent", "has_audio",
+                 "has_ref_face", "motion_mask"]
 
 
 
