@@ -12,9 +12,11 @@ error, which leaves the CUDA context unusable; Serve then replaces the replica.
 
 # No `from __future__ import annotations`: FastAPI must see real types on the class-based routes.
 import asyncio
+import functools
 import hmac
 import logging
 import os
+import threading
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -29,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from core.storage import Storage
 from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import (AnimationRequest, InputError, check_s3_uri, check_size, decode_audio_bytes,
-                            decode_image, parse_face_box, parse_keypoints, resolve_frames)
+                            decode_image, parse_face_box, parse_keypoints, pose_from_video, resolve_frames)
 from serving.jobs import JobProgress, JobStore, new_job_id, valid_job_id
 
 __all__ = ["Animator", "Ingress", "build_app", "api"]
@@ -217,6 +219,21 @@ class Ingress:
         self.jobs = JobStore(self.storage, self.cfg.output, self.cfg.job_stale_s)
         self.temporal_factor = self.served.temporal_factor
         self._tasks: set[asyncio.Task] = set()
+        self._pose: Any = None  # BlazePoseExtractor, loaded at the first pose_video (LiteRT: one call at a time)
+        self._pose_lock = threading.Lock()
+
+    def _extract_pose(self, frames: Any, fps: float) -> Any:
+        """`model.blazepose.BlazePoseExtractor` on decoded frames; a missing model cache is the request's 422."""
+        from model.blazepose import BlazePoseExtractor
+
+        with self._pose_lock:
+            if self._pose is None:
+                try:
+                    self._pose = BlazePoseExtractor(self.cfg.pose_model_dir)
+                except FileNotFoundError as exc:
+                    raise InputError("pose_video", f"pose from video is not available on this server: {exc}") from None
+            self._pose.fps = fps  # the One Euro filter's time step
+            return self._pose(frames)
 
     # ------------------------------------------------------------------ health
     @api.get("/healthz")
@@ -256,7 +273,7 @@ class Ingress:
 
     def _build_request(self, image: bytes, audio: bytes | None, keypoints: bytes | None, frames: int | None,
                        duration: float | None, fps: float | None, steps: int | None, seed: int,
-                       face_box: str | None = None) -> AnimationRequest:
+                       face_box: str | None = None, pose_video: bytes | None = None) -> AnimationRequest:
         """Decode and check every input (runs in a thread: PIL and ffmpeg block)."""
         cfg, limits = self.cfg, self.cfg.limits
         fps = cfg.default_fps if fps is None else fps
@@ -278,6 +295,9 @@ class Ingress:
         rate = served.card.model.audio.sample_rate
         wave = None if audio is None else decode_audio_bytes(audio, "audio", rate, limits.max_duration_s)
         poses = None if keypoints is None else parse_keypoints(keypoints, "keypoints", height, width)
+        if pose_video is not None:
+            poses = pose_from_video(pose_video, "pose_video", height, width, fps, limits.max_frames,
+                                    functools.partial(self._extract_pose, fps=fps))
         num_frames, source = resolve_frames(frames, duration, fps, wave, poses, rate, cfg.default_frames)
         self._check_frames(num_frames, source, fps, poses)
         return AnimationRequest(ref, wave, poses, num_frames, fps, steps, seed, face_box=box)
@@ -300,7 +320,8 @@ class Ingress:
         image: UploadFile | None = File(None, description="reference image, PNG or JPEG"),
         audio: UploadFile | None = File(None, description="driving audio (any ffmpeg-readable file)"),
         keypoints: UploadFile | None = File(None, description="pose keypoints JSON [T][17][3] in output pixels"),
-        pose_video: UploadFile | None = File(None, description="driving pose video (needs the ONNX pose extractor)"),
+        pose_video: UploadFile | None = File(None, description="driving pose video: keypoints by the preprocessing "
+                                                              "job's BlazePose extractor"),
         image_uri: str | None = Form(None, description="s3:// reference image from an allowed bucket"),
         audio_uri: str | None = Form(None, description="s3:// audio from an allowed bucket"),
         keypoints_uri: str | None = Form(None, description="s3:// keypoints JSON from an allowed bucket"),
@@ -313,16 +334,17 @@ class Ingress:
                                                        "output H x W (after fitting); default: detected"),
         mode: Literal["sync", "async"] = Form("sync", description="sync: answer the MP4; async: answer a job id"),
     ) -> Response:
-        if pose_video is not None:
-            raise InputError("pose_video", "pose video needs the ONNX pose extractor, which is not configured; "
-                                           "send keypoints JSON [T][17][3] instead")
+        if pose_video is not None and keypoints is not None:
+            raise InputError("pose_video", "give keypoints or pose_video, not both")
+        video_bytes = None if pose_video is None else check_size(
+            await pose_video.read(self.cfg.limits.max_upload_bytes + 1), "pose_video", self.cfg.limits.max_upload_bytes)
         image_bytes = await self._read(image, image_uri, "image")
         if image_bytes is None:
             raise InputError("image", "a reference image is required")
         audio_bytes = await self._read(audio, audio_uri, "audio")
         keypoint_bytes = await self._read(keypoints, keypoints_uri, "keypoints")
         request = await run_in_threadpool(self._build_request, image_bytes, audio_bytes, keypoint_bytes,
-                                          frames, duration, fps, steps, seed, face_box)
+                                          frames, duration, fps, steps, seed, face_box, video_bytes)
         if mode == "sync":
             return await self._sync(request)
         return await self._async(request)

@@ -106,6 +106,8 @@ class ServeAppConfig(StrictConfig):
     retry_after_s: int = Field(2, ge=1, description="Retry-After seconds sent with 503 on overload")
     job_stale_s: float = Field(600.0, gt=0, description="a queued/running job not updated this long is reported failed (replica lost)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the replica has a GPU")
+    pose_model_dir: str | None = Field(None, description="local BlazePose model cache for `pose_video` (None: the "
+                                       "default cache `python -m ray_jobs.fetch_models` fills); empty: pose_video 422s")
     precision: Precision = Field("auto", description="denoiser weights: auto = bf16 on a GPU, fp32 on CPU; Wan's "
                                  "fp32 modules (norms, time embedder) stay fp32 (model.precision)")
     vae: VAEConfig = Field(default_factory=VAEConfig, description="how the VAE runs (dtype, tiling, chunks); its "

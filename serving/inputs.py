@@ -6,9 +6,9 @@ so bad input costs no model time and never reaches the `Animator`.
 * reference image: PNG or JPEG only (Pillow identifies the format from the bytes, never from the
   name), resized to cover the model's H x W and centre-cropped (Pillow's `ImageOps.fit`).
 * audio: any container ffmpeg reads, decoded to mono 16 kHz by `core.media.decode_audio`.
-* pose: COCO-17 keypoints JSON ``[T][17][3]`` (x, y, confidence) in pixels of the model's H x W.
-  A driving pose *video* needs a pose extractor (ONNX DWPose) that this app does not ship; it is
-  rejected with a 422 naming ``pose_video``.
+* pose: COCO-17 keypoints JSON ``[T][17][3]`` (x, y, confidence) in pixels of the model's H x W, or a
+  driving pose *video*, fitted like the reference and run through the preprocessing job's extractor
+  (`model.blazepose.BlazePoseExtractor`, `pose_from_video`).
 * face box (optional): JSON ``[x0, y0, x1, y1]`` in pixels of the model's H x W (the fitted
   reference); finite, inside the image, positive size. Without it the engine detects the face.
 """
@@ -21,10 +21,11 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["InputError", "AnimationRequest", "decode_image", "decode_audio_bytes", "parse_keypoints",
+__all__ = ["InputError", "AnimationRequest", "decode_image", "decode_audio_bytes", "parse_keypoints", "pose_from_video",
            "parse_face_box", "resolve_frames", "check_s3_uri", "check_size"]
 
 
@@ -106,6 +107,27 @@ def decode_audio_bytes(data: bytes, field: str, sample_rate: int, max_duration_s
     if duration > max_duration_s:
         raise InputError(field, f"audio of {duration:.2f} s exceeds the limit of {max_duration_s} s", status=413)
     return wave
+
+
+def pose_from_video(data: bytes, field: str, height: int, width: int, fps: float, max_frames: int,
+                    extractor: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A driving video -> COCO-17 keypoints (T, 17, 3) in pixels of the output H x W.
+
+    Decoded at the request's fps and fitted to H x W exactly as the reference image is (cover, centre crop),
+    then run through ``extractor`` (the preprocessing job's, `model.blazepose.BlazePoseExtractor`), so the
+    keypoints are where the served frames have them. More than ``max_frames`` frames is an error."""
+    from core.media import MediaError, decode_video
+
+    with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            frames = decode_video(tmp.name, fps, (width, height), fit="crop")
+        except MediaError as exc:
+            raise InputError(field, f"not a readable video: {exc}") from None
+    if not 1 <= len(frames) <= max_frames:
+        raise InputError(field, f"gives {len(frames)} frames at {fps:g} fps; must lie in [1, {max_frames}]")
+    return extractor(frames)
 
 
 def parse_keypoints(data: bytes, field: str, height: int, width: int) -> np.ndarray:

@@ -115,6 +115,25 @@ def test_track_through_a_real_h264_video_is_smooth(models, astronaut, tmp_path):
     assert jerk(smooth) < 0.5 * jerk(raw) and jerk(smooth) < 2.5, (jerk(smooth), jerk(raw))  # 1.6 vs 5.1 px
 
 
+def test_serving_takes_a_pose_video_through_the_same_extractor(models, astronaut, tmp_path):
+    """`serving.inputs.pose_from_video`: the upload fitted to the output H x W like the reference, then the
+    preprocessing extractor: the keypoints equal the extractor's on the same decode; bad bytes are a 422 reason."""
+    from serving.inputs import InputError, pose_from_video
+
+    frames, _, _ = _pan_zoom(astronaut, 8, (320, 240))
+    mux_mp4(frames, None, 16.0, tmp_path / "drive.mp4")
+    extractor = BlazePoseExtractor(models, fps=16.0)
+    got = pose_from_video((tmp_path / "drive.mp4").read_bytes(), "pose_video", 128, 128, 16.0, 32, extractor)
+    expected = extractor(decode_video(tmp_path / "drive.mp4", 16.0, (128, 128), fit="crop"))
+    assert got.shape == (8, 17, 3) and np.array_equal(got, expected)
+    upper = got[:, [NOSE, L_SHOULDER, R_SHOULDER]]  # in the 128x128 crop (hips and legs fall below it)
+    assert (upper[..., 2] > 0.5).all() and ((upper[..., :2] >= 0) & (upper[..., :2] <= 128)).all()
+    with pytest.raises(InputError, match="pose_video.*readable|readable"):
+        pose_from_video(b"not a video", "pose_video", 128, 128, 16.0, 32, extractor)
+    with pytest.raises(InputError, match="8 frames"):
+        pose_from_video((tmp_path / "drive.mp4").read_bytes(), "pose_video", 128, 128, 16.0, 4, extractor)
+
+
 def test_keypoints_land_in_the_clip_geometry(models, astronaut):
     """The extractor on a padded clip (the preprocessing geometry) gives the photo's joints mapped by fit."""
     from ray_jobs.preprocess.stages import fit_transform, transform_points

@@ -328,6 +328,23 @@ def test_idle_replica_runs_a_lone_request_without_waiting_to_fill_a_batch(serve_
                  ).headers["X-Precision"] == "fp32/fp32"  # auto on CPU
 
 
+def test_a_pose_video_drives_the_request(serve_urls, tmp_path):
+    """A driving video instead of keypoints: decoded, fitted and run through the BlazePose extractor on the
+    ingress; its length sets the frames (`serving.inputs.pose_from_video`, tested against the extractor)."""
+    from core.media import mux_mp4
+    from ray_jobs.synthetic import SyntheticConfig, generate_video
+
+    video = generate_video(SyntheticConfig(out="unused", duration=0.5, seed=2), 0)
+    mux_mp4(video.frames[:6], None, FPS, tmp_path / "drive.mp4")
+    files = {"image": ("ref.png", _png(), "image/png"),
+             "pose_video": ("drive.mp4", (tmp_path / "drive.mp4").read_bytes(), "video/mp4")}
+    response = _post(serve_urls["local"], files, {"steps": 1, "fps": FPS}, key=None)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Frames"] == "6" and _probe_mp4(response.content, tmp_path)[1].shape[0] == 6
+    both = _post(serve_urls["local"], {**files, "keypoints": ("k.json", _keypoints(6), "application/json")}, {}, key=None)
+    assert both.status_code == 422 and "pose_video" in both.text
+
+
 def test_async_flow_reports_progress_and_survives_in_the_store(serve_urls, tmp_path):
     url = serve_urls["local"]
     face_png, truth = _face_png()
