@@ -42,10 +42,9 @@ def precision_dtype(precision: Precision, device: str | torch.device) -> torch.d
 
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``model`` in ``dtype``, except the submodules its class keeps in fp32 (``_keep_in_fp32_modules``)."""
-    model.to(dtype)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype != torch.float32 else set()
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    for name, tensor in tensors:  # by name part: Wan's scale_shift_table is a parameter, not a module
-        if keep & set(name.split(".")) and tensor.is_floating_point():
-            tensor.data = tensor.data.float()
+    for name, tensor in tensors:  # per tensor (not model.to, which diffusers warns about for such models);
+        if tensor.is_floating_point():  # by name part: Wan's scale_shift_table is a parameter, not a module
+            tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
     return model
