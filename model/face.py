@@ -37,9 +37,9 @@ class FaceCropConfig(StrictConfig):
     min_side: int = Field(192, ge=24, description="Haar: images are upscaled to this short side first (the "
                                                   "cascade's 24x24 window misses the few-pixel faces of small frames)")
     detector: Literal["haar", "auto", "blazeface"] = Field(
-        "haar", description="face detector when no box is given: OpenCV's Haar cascade; 'blazeface' (MediaPipe "
-        "BlazeFace from model_dir, `python -m ray_jobs.fetch_models`); 'auto': BlazeFace when its model is "
-        "there, else Haar")
+        "auto", description="face detector when no box is given: 'auto': MediaPipe BlazeFace when its model is "
+        "in model_dir (`python -m ray_jobs.fetch_models`), else OpenCV's Haar cascade; 'blazeface' (its model "
+        "required); 'haar'. Serving must detect as preprocessing did (BlazeFace's boxes are tighter than Haar's)")
     model_dir: str | None = Field(None, description="local BlazeFace model cache; None = "
                                   "~/.cache/human-animation/mediapipe (resolved when a face is detected)")
 

@@ -15,8 +15,8 @@ Conditions from a request (shapes as in `model.conditions`):
 * pose: `model.pose.render_pose` maps from keypoints (1, 3, T, H, W); none -> zeros with keep False.
 * face: the VAE latent of the reference's face crop (1, C, 1, hf, wf), cut by
   `model.face.reference_face` with the config's `face` geometry, exactly as preprocessing cut the
-  training reference's: around the client's `face_box` when given, else the face OpenCV's Haar
-  detector finds in the reference. No face found -> zeros with keep False (the learned null face);
+  training reference's: around the client's `face_box` when given, else the face the configured
+  detector (`face.detector`) finds in the reference. No face found -> zeros with keep False (the learned null face);
   the denoiser broadcasts it over latent frames. Each `Animation` says which (`FaceReport`).
 Absent conditions are present-but-dropped (keep False) rather than None so that any requests can
 be concatenated into one batch; the denoiser then uses the learned null, as for None.
@@ -66,7 +66,7 @@ ProgressFn = Callable[[int, int], None]
 class FaceReport:
     """Where a request's face condition came from.
 
-    source: ``given`` (the client's face_box), ``detected`` (Haar on the reference), ``none`` (no face
+    source: ``given`` (the client's face_box), ``detected`` (the detector, `face.detector`, on the reference), ``none`` (no face
     found: the learned null face) or ``off`` (the model has no face path). box: (x0, y0, x1, y1) in
     reference pixels for given/detected, else None.
     """
@@ -148,7 +148,7 @@ class AnimationEngine:
 
     # ------------------------------------------------------------------ conditions
     def reference_face(self, request: AnimationRequest) -> ReferenceFace | None:
-        """The reference's face (the client's `face_box`, else Haar-detected); None when the model has no face path."""
+        """The reference's face (the client's `face_box`, else detected); None when the model has no face path."""
         if not self.model.config.face_injection:
             return None
         return reference_face(request.ref_image, self.cfg.face, box=request.face_box)

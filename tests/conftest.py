@@ -146,6 +146,43 @@ def tiny_data(s3_server, tmp_path_factory):
     return str(root / "shards")
 
 
+@pytest.fixture(scope="session")
+def raw_data(s3_server, tmp_path_factory):
+    """Plain MP4s: synthetic puppet videos with every sidecar taken away, preprocessed with the tiny config.
+
+    128x96 sources into 64x64 crops, so the pose and face models (BlazePose, BlazeFace: the defaults)
+    see a detection stream other than the clips; splits come from the split rule (one video held out by
+    name). Returns {"shards", "truth": {video_id: the removed sidecar}, "heldout": [video id]}.
+    """
+    import json
+
+    from core.config import load_config
+    from core.storage import Storage
+    from model.blazepose import default_model_dir
+    from ray_jobs.fetch_models import cache_is_complete, fetch_models
+    from ray_jobs.preprocess.config import PreprocessConfig
+    from ray_jobs.preprocess.job import run as preprocess
+    from ray_jobs.synthetic.world import SyntheticConfig, run as synthesize
+
+    if not cache_is_complete(Storage(), str(default_model_dir())):
+        fetch_models(str(default_model_dir()))
+    default_ray()
+    root = tmp_path_factory.mktemp("raw_data")
+    synthesize(SyntheticConfig(out=str(root / "synthetic"), num_videos=4, seed=5, duration=2.0, width=128,
+                               height=96, num_identities=4, heldout_identities=1, executor="local"))
+    truth = {}
+    for sidecar in sorted((root / "synthetic" / "videos").glob("*.json")):
+        truth[sidecar.stem] = json.loads(sidecar.read_text())
+        sidecar.unlink()
+    heldout = [sorted(truth)[-1]]
+    cfg = load_config(PreprocessConfig, "ray_jobs/configs/tiny/preprocess.yaml",
+                      {"input": str(root / "synthetic" / "videos"), "output": str(root / "shards"),
+                       "pose.extractor": "blazepose", "face.detector": "auto", "split.heldout": heldout})
+    summary = preprocess(cfg)
+    assert summary["clips_written"] == 4 * 4 and summary["videos_failed"] == 0, summary
+    return {"shards": str(root / "shards"), "truth": truth, "heldout": heldout, "summary": summary}
+
+
 def wake_zero_inits(model, scale: float = 0.05, seed: int = 1) -> None:
     """Give zero-initialised weights (condition paths, output layers, LoRA B matrices) seeded random values,
     so every path of a random-init denoiser acts. Imports torch when called, not when conftest loads."""

@@ -18,7 +18,7 @@ from core.config import load_config
 from model.face import FaceCropConfig, crop_faces, detect_face, reference_face
 
 haar = pytest.mark.skipif(not hasattr(cv2, "CascadeClassifier"), reason="OpenCV 5 has no Haar cascades")
-CFG = FaceCropConfig()
+CFG = FaceCropConfig(detector="haar")  # the Haar tests; the default is auto (BlazeFace when fetched)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

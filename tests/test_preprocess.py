@@ -358,7 +358,10 @@ def test_step_timings_account_for_the_task_and_sum_over_rows(videos, tmp_path):
     [summary] = udfs.process_videos(batch, cfg, str(tmp_path))  # videos this short: one batch for the task
     wall = time.perf_counter() - start
     assert list(summary["error_stage"]) == ["", "", "probe", "", ""]
-    columns = [c for c in summary if c.startswith(udfs.TIMING_PREFIX)]
+    models = [udfs.TIMING_PREFIX + step for step in udfs.MODEL_STEPS]
+    for column in models:  # the pose/face models: not run, the sidecars give keypoints and boxes
+        assert summary[column].shape == (5,) and not summary[column].any()
+    columns = [c for c in summary if c.startswith(udfs.TIMING_PREFIX) and c not in models]
     assert [c.removeprefix(udfs.TIMING_PREFIX) for c in columns] == list(CPU_STEPS)
     for column in columns:  # one value per row, all equal within the task
         assert summary[column].shape == (5,) and np.ptp(summary[column]) == 0 and summary[column][0] > 0
@@ -508,16 +511,20 @@ def test_haar_track_stops_once_the_clip_cannot_have_a_face():
 
 @haar
 def test_face_stage_haar_counts_detections_over_searched_frames():
+    """No sidecar boxes: the detector runs while decoding (`udfs._Detections`), the face stage fills,
+    smooths and counts; frames Haar skipped take the nearest searched frame's box."""
     frames, truth = face_track_clip(T, SIZE, SIZE)
+    sidecar = {"keypoints": np.zeros((T, 17, 3)).tolist()}  # the pose model is not under test
 
     def face_stage(clip: np.ndarray, **face) -> dict:
-        return add_face_track(_face_batch(clip[None]), _config("in", "out", face=face))
+        cfg = _config("in", "out", face={"detector": "haar", **face}, audio={"allow_silent": True})
+        return udfs.clips_from_frames("v0.mp4", sidecar, clip, None, cfg)
 
     sparse = face_stage(frames, detect_every=4)  # 3 of 8 frames searched, a face on each
     assert sparse["has_face"][0] and _iou(sparse["face_boxes"][0], truth).min() > 0.7
     # no sidecar: the reference's face is the Haar detection on the reference frame, cut by reference_face
     assert sparse["has_ref_face"][0] and _iou(sparse["ref_face_box"], truth[:1]).min() > 0.8
-    expected = reference_face(frames[0], _config("in", "out").face)
+    expected = reference_face(frames[0], _config("in", "out", face={"detector": "haar"}).face)
     np.testing.assert_array_equal(sparse["ref_face_crop"][0], expected.crop)
     np.testing.assert_array_equal(sparse["ref_face_box"][0], expected.box)
     mostly_blank = frames.copy()
@@ -788,3 +795,39 @@ def test_pose_maps_drawn_on_the_worker_equal_the_stored_ones_bitwise(ray_local, 
     assert np.array_equal(heldout["frames"], lean["frames"][0]) and heldout["pose"].shape == (T, SIZE, SIZE, 3)
     train = take_clips(str(tmp_path), Storage(), "train", 1)[0]
     assert "frames" not in train and "pose" not in train and np.array_equal(train["keypoints"], lean["keypoints"][1])
+
+
+def test_plain_videos_without_sidecars_get_splits_pose_and_faces(raw_data):
+    """Sidecar-less synthetic MP4s: the split rule assigns splits (recorded in the manifest), BlazePose's
+    keypoints and BlazeFace's boxes, found on the 128x96 detection stream and mapped into the 64x64 crop,
+    land on the removed sidecars' truth (mapped the same way). The teacher trains on these shards in
+    test_train_teacher.py::test_sequence_parallel_run_trains_and_resumes."""
+    from artifacts.shards import take_clips
+
+    shards = Path(raw_data["shards"])
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["config"]["split"]["heldout"] == raw_data["heldout"]
+    assert raw_data["summary"]["stage_seconds"]["pose_model"] > 0 and raw_data["summary"]["stage_seconds"]["face_model"] > 0
+    rows = [row for split in ("train", "heldout") for row in take_clips(str(shards), Storage(), split, limit=100)]
+    assert {r["video_id"]: r["split"] for r in rows} == {v: "heldout" if v in raw_data["heldout"] else "train"
+                                                         for v in raw_data["truth"]}
+    assert {r["identity_id"] for r in rows} == {"unknown"}
+    scale, tx, ty = stages.fit_transform((128, 96), (SIZE, SIZE), "crop")
+    errors, ious, faces = [], [], []
+    for row in rows:
+        truth = np.asarray(raw_data["truth"][row["video_id"]]["keypoints"], np.float32)[row["start_frame"]:][:T]
+        keypoints = np.asarray(row["keypoints"], np.float32)
+        seen = keypoints[..., 2] > 0.5
+        inside = (truth[..., 0] * scale + tx > 0) & (truth[..., 0] * scale + tx < SIZE)  # not cropped away
+        errors.append(np.linalg.norm(keypoints[..., :2] - (truth[..., :2] * scale + [tx, ty]), axis=-1)[seen & inside])
+        boxes = np.asarray(raw_data["truth"][row["video_id"]]["face_boxes"], np.float32)[row["start_frame"]:][:T]
+        faces.append(row["has_face"])
+        if row["has_face"]:
+            found = np.asarray(row["face_boxes"], np.float32)
+            ious.append(np.mean([_iou(found[t:t + 1], boxes[t:t + 1] * scale + [tx, ty, tx, ty])[0] for t in range(T)]))
+    errors = np.concatenate(errors)
+    print(f"raw videos: keypoint error median {np.median(errors):.2f} px over {len(errors)} joints, "
+          f"has_face {np.mean(faces):.2f}, face IoU median {np.median(ious):.2f}")
+    assert len(errors) > 0.5 * len(rows) * T * 17 * 0.5  # most joints of most frames seen
+    assert np.median(errors) < 3.0, np.median(errors)  # px at 64x64 (the puppets' joints, BlazePose on cartoons)
+    assert np.mean(faces) >= 0.75 and np.median(ious) > 0.3, (np.mean(faces), ious)

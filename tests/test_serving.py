@@ -91,7 +91,8 @@ def tiny_vae(tmp_path_factory) -> str:
 
 
 def _args(tiny_vae: str, output: str, **extra) -> dict:
-    base = {"model": {"preset": "tiny", "vae_path": tiny_vae}, "output": output, "torch_threads": 1,
+    # Haar: the synthetic test face's box is Haar's (BlazeFace, the 'auto' default with its model, finds a tighter one)
+    base = {"model": {"preset": "tiny", "vae_path": tiny_vae}, "output": output, "torch_threads": 1, "face": {"detector": "haar"},
             "limits": {"max_upload_bytes": 200_000, "max_steps": 8, "max_frames": 32, "max_duration_s": 2.0},
             "animator": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 2, "max_queued_requests": 2,
                          "num_cpus": 0.5, "num_gpus": 0, "max_batch_size": 2}}
@@ -178,7 +179,7 @@ def engine(tiny_vae):
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    return AnimationEngine(ServeAppConfig(model={"preset": "tiny", "vae_path": tiny_vae}))
+    return AnimationEngine(ServeAppConfig(model={"preset": "tiny", "vae_path": tiny_vae}, face={"detector": "haar"}))
 
 
 def test_engine_batch_of_one_matches_generate(engine):

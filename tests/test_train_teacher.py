@@ -65,8 +65,12 @@ def test_shards_made_for_another_model_fail_at_start_naming_both(tiny_data, over
         assert "'n_mels': 16" in message and "'n_mels': 32" in message
 
 
-def test_sequence_parallel_run_trains_and_resumes(tiny_data, tmp_path):
-    """2 workers as one sequence-parallel group (sp=2, dp=1): each clip's tokens split across both; resumes."""
+def test_sequence_parallel_run_trains_and_resumes(raw_data, tmp_path):
+    """2 workers as one sequence-parallel group (sp=2, dp=1): each clip's tokens split across both; resumes.
+
+    On shards of plain videos (no sidecars: splits by rule, BlazePose keypoints, BlazeFace boxes; see
+    test_preprocess.py::test_plain_videos_without_sidecars_get_splits_pose_and_faces)."""
+    tiny_data = raw_data["shards"]
     overrides = {"scaling.sequence_parallel": 2, "run.storage_path": str(tmp_path), "run.name": "teacher-sp",
                  "validation.steps": 1}
     first = run(_config(tiny_data, steps=2, **{**overrides, "run.tensorboard": True}))

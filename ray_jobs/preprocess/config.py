@@ -84,9 +84,9 @@ class FaceStageConfig(FaceCropConfig):
     """
 
     detector: Literal["haar", "auto", "blazeface", "none"] = Field(
-        "haar", description="for videos without sidecar face_boxes: OpenCV's bundled Haar cascade (OpenCV 4.x); "
-        "'blazeface' (MediaPipe BlazeFace from model_dir); 'auto' (BlazeFace when its model is in model_dir, "
-        "else Haar); or 'none' (has_face=False)")
+        "auto", description="for videos without sidecar face_boxes: 'auto' (MediaPipe BlazeFace when its model is "
+        "in model_dir, else OpenCV's Haar cascade); 'blazeface' (fails at start without the model); 'haar'; "
+        "or 'none' (has_face=False)")
     smooth_frames: int = Field(3, ge=1, description="centered moving-average window over box centre/size (odd)")
     min_detect_fraction: float = Field(0.5, gt=0, le=1, description="Haar: a clip needs a detection in at least "
                                        "this fraction of its searched frames, else has_face=False")
@@ -139,6 +139,11 @@ class PreprocessConfig(StrictConfig):
     width: int = Field(64, ge=8, description="target width W")
     height: int = Field(64, ge=8, description="target height H")
     fit: Literal["crop", "pad"] = Field("crop", description="aspect handling, see the class docstring")
+    detection_long_side: int = Field(512, ge=64, description="the pose and face models see the video decoded at "
+                                     "the source's aspect with this long side (never upscaled), in a second ffmpeg "
+                                     "stream beside the clip frames, not the clip geometry (64x64 in the tiny "
+                                     "config); their keypoints and boxes are mapped into the clip's crop/pad "
+                                     "geometry. When that size is the clip geometry itself the clip frames are used")
     latent_spatial_factor: int = Field(4, ge=1, description="pixels per latent cell; motion masks are pooled by it "
                                        "(must equal the VAE's spatial factor when the VAE stage is on)")
     motion_delta: float = Field(0.04, gt=0, lt=1, description="DanceLCM delta: a pixel moves when its max-channel "

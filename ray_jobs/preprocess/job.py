@@ -316,14 +316,18 @@ def _schema_doc(cfg: PreprocessConfig) -> dict[str, str]:
 
 
 def _stage_seconds(rows: list[dict]) -> dict[str, float]:
-    """Task seconds per step summed over the run (`udfs.TIMING_PREFIX` columns), in pipeline order."""
+    """Task seconds per step summed over the run (`udfs.TIMING_PREFIX` columns), in pipeline order
+    (decode, then the pose/face models on the detection stream when they ran, then the stages)."""
     totals: dict[str, float] = {}
     for row in rows:
         for key, value in row.items():
             if key.startswith(udfs.TIMING_PREFIX) and value is not None:
                 step = key[len(udfs.TIMING_PREFIX):]
                 totals[step] = totals.get(step, 0.0) + value
-    return {step: round(seconds, 4) for step, seconds in totals.items()}
+    order = ["decode", *udfs.MODEL_STEPS]
+    steps = [s for s in order if s in totals] + [s for s in totals if s not in order]
+    return {step: round(totals[step], 4) for step in steps
+            if not (step in udfs.MODEL_STEPS and totals[step] == 0)}
 
 
 def _iso(stamp: float) -> str:

@@ -51,6 +51,9 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("source", "video_id", "clip_index", "source_
 # f"{TIMING_PREFIX}{step}" spread evenly over the task's rows: the driver's sum over all rows is then
 # the job's time in that step, however Ray Data re-batches rows in between (the VAE path does).
 TIMING_PREFIX = "seconds_"
+# Steps timed inside decoding, per video window: the pose and face models on the detection stream
+# (`_Detections`); their rows carry them from the start, so `process_videos` takes them out of "decode".
+MODEL_STEPS: tuple[str, ...] = ("pose_model", "face_model")
 
 
 class StageError(Exception):
@@ -69,7 +72,8 @@ def _row_template(cfg: PreprocessConfig) -> dict[str, Any]:
     return {"frames": np.zeros((t, h, w, 3), np.uint8), "ref_frame": np.zeros((h, w, 3), np.uint8),
             "keypoints": np.zeros((t, 17, 3), np.float32), "face_boxes": np.zeros((t, 4), np.float32),
             "ref_face_box": np.full(4, np.nan, np.float32), "mouth_openness": np.full(t, np.nan, np.float32), "audio": np.zeros(samples, np.float32),
-            "has_audio": False, "has_keypoints": False, "has_face_boxes": False}
+            "has_audio": False, "has_keypoints": False, "has_face_boxes": False,
+            **{TIMING_PREFIX + step: 0.0 for step in MODEL_STEPS}}
 
 
 def error_row(cfg: PreprocessConfig, item: dict, stage: str, reason: str, sha256: str = "") -> dict[str, Any]:
@@ -143,6 +147,8 @@ def clips_from_frames(source: str, sidecar: dict, frames: np.ndarray, wave: np.n
         raise ValueError(f"frames must be (N, {cfg.height}, {cfg.width}, 3), got {frames.shape}")
     info = SimpleNamespace(fps=cfg.fps, width=cfg.width, height=cfg.height)
     clip = _VideoClips({"source": source}, cfg, sidecar, info, "", wave)
+    if clip.detections.needed:  # no source beyond these frames: the models see them
+        clip.detections.add(frames)
     batch = _rows_to_columns(clip.rows(frames, 0, len(frames)))
     for stage in CPU_STAGES:
         batch = stage(batch, cfg)
@@ -184,6 +190,9 @@ def _decode_clip_windows(item: dict, cfg: PreprocessConfig, storage: Storage) ->
             if 0 < expected_frames(info, cfg.fps) * frame_bytes <= window_bytes:
                 frames, wave = _decode_media(path, info, cfg)
                 clip = _VideoClips(item, cfg, sidecar, info, sha256, wave)
+                if clip.detections.needed:
+                    clip.detections.add(frames if clip.detections.reuses_clip_frames else
+                                        _decode_detection_frames(path, info, cfg, clip.detections.size))
                 rows = clip.rows(frames, 0, len(frames))
                 clip.check_any()
                 yield rows, False
@@ -205,9 +214,16 @@ def _decode_clip_windows(item: dict, cfg: PreprocessConfig, storage: Storage) ->
 def _held_windows(path: Path, info, cfg: PreprocessConfig, chunk: int,
                   clip: "_VideoClips") -> Iterator[tuple[np.ndarray, int]]:
     """(frames, index of frames[0]) as ffmpeg streams them: each time the frames not yet in a whole clip
-    plus the next `chunk`. Frames before the next clip's start are let go (memory: ~2 chunks)."""
-    held, held_from = None, 0
+    plus the next `chunk`. Frames before the next clip's start are let go (memory: ~2 chunks).
+
+    When `clip.detections` needs the models, a second ffmpeg run streams the detection frames chunk by
+    chunk beside this one, and each chunk's keypoints and boxes are found before its clips are made."""
+    held, held_from, detections = None, 0, clip.detections
+    beside = (iter_video_chunks(path, cfg.fps, detections.size, chunk, "crop", info, cfg.ffmpeg_threads)
+              if detections.needed and not detections.reuses_clip_frames else None)
     for frames in iter_video_chunks(path, cfg.fps, (cfg.width, cfg.height), chunk, cfg.fit, info, cfg.ffmpeg_threads):
+        if detections.needed:  # the detection stream in step: same fps filter, so the same frame count
+            detections.add(frames if beside is None else next(beside, frames[:0]))
         held = frames if held is None else np.concatenate([held, frames])
         yield held, held_from
         keep_from = min(clip.next_start, held_from + len(held))
@@ -220,6 +236,7 @@ class _VideoClips:
     def __init__(self, item: dict, cfg: PreprocessConfig, sidecar: dict, info, sha256: str, wave):
         self.item, self.cfg, self.sidecar, self.info, self.sha256, self.wave = item, cfg, sidecar, info, sha256, wave
         self.done, self.seen, self.base = 0, 0, None
+        self.detections = _Detections(cfg, info, sidecar)
 
     @property
     def next_start(self) -> int:
@@ -231,7 +248,7 @@ class _VideoClips:
         starts = stages.clip_starts(end, cfg.clip_frames, cfg.stride)[self.done:]
         if not len(starts):
             return []
-        tracks = _sidecar_tracks(self.sidecar, self.info, cfg, end)
+        tracks = self.detections.merge(_sidecar_tracks(self.sidecar, self.info, cfg, end))
         if self.base is None:  # the first window holds the video's first frame: the reference of every clip
             sidecar, source = self.sidecar, self.item["source"]
             video_id, identity = str(sidecar.get("video_id") or Path(source).stem), str(sidecar.get("identity_id", "unknown"))
@@ -249,6 +266,9 @@ class _VideoClips:
             rows.append({**self.base, "clip_index": index, "start_frame": start, "frames": frames[local],
                          "audio": audio, **{k: v[window] for k, v in tracks["per_frame"].items()}})
         self.done += len(rows)
+        for step, seconds in self.detections.take_seconds().items():  # spread over this window's rows
+            for row in rows:
+                row[TIMING_PREFIX + step] = seconds / len(rows)
         return rows
 
     def check_any(self) -> None:
@@ -256,6 +276,106 @@ class _VideoClips:
         if not self.done:
             raise StageError("clip", f"shorter than one clip: {self.seen} frames at {self.cfg.fps:g} fps "
                                      f"< clip_frames={self.cfg.clip_frames}")
+
+
+def _detection_size(info, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(W, H) of the frames the pose and face models see: the source's aspect with long side
+    `cfg.detection_long_side`, never upscaled, even (ffmpeg's scale)."""
+    scale = min(1.0, cfg.detection_long_side / max(info.width, info.height, 1))
+    return max(2, 2 * round(info.width * scale / 2)), max(2, 2 * round(info.height * scale / 2))
+
+
+def _decode_detection_frames(path: Path, info, cfg: PreprocessConfig, size: tuple[int, int]) -> np.ndarray:
+    try:
+        return decode_video(path, cfg.fps, size, "crop", info, cfg.ffmpeg_threads)
+    except MediaError as exc:
+        raise StageError("decode", f"detection stream: {exc.reason}") from exc
+
+
+class _Detections:
+    """One video's keypoints and face boxes from the models, for the tracks its sidecar does not give.
+
+    The models see frames decoded at `size` (the source's aspect, `detection_long_side`), not the clip
+    geometry; what they find is mapped to clip pixels with the same crop/pad transform as sidecar
+    tracks (`stages.fit_transform`). Frames come in order, a whole video or one window at a time
+    (each window's track is smoothed on its own); missed faces are NaN, for `add_face_track` to fill.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, info, sidecar: dict):
+        self.cfg = cfg
+        self.pose = "keypoints" not in sidecar and cfg.pose.extractor != "none"
+        self.face = "face_boxes" not in sidecar and cfg.face.detector != "none"
+        self.size = _detection_size(info, cfg) if info.width else (cfg.width, cfg.height)
+        self.transform = stages.fit_transform(self.size, (cfg.width, cfg.height), cfg.fit)
+        self.keypoints, self.boxes = np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32)
+        self.seconds = dict.fromkeys(MODEL_STEPS, 0.0)
+
+    @property
+    def needed(self) -> bool:
+        return self.pose or self.face
+
+    @property
+    def reuses_clip_frames(self) -> bool:
+        """The detection frames would be the clip frames themselves (a source already at clip size)."""
+        return self.size == (self.cfg.width, self.cfg.height) and self.transform == (1.0, 0.0, 0.0)
+
+    def add(self, frames: np.ndarray) -> None:
+        """Run the models on the next frames uint8 (n, H, W, 3) of the detection stream."""
+        count = len(frames)
+        keypoints, boxes = np.zeros((count, 17, 3), np.float32), np.full((count, 4), np.nan, np.float32)
+        if self.pose and count:
+            start = time.perf_counter()
+            keypoints = _extract_keypoints(frames, self.cfg)
+            found = keypoints[..., 2:] > 0
+            keypoints = np.where(found, stages.transform_points(keypoints, self.transform), 0).astype(np.float32)
+            self.seconds["pose_model"] += time.perf_counter() - start
+        if self.face and count:
+            start = time.perf_counter()
+            boxes = stages.transform_boxes(_face_model_track(frames, _local_face_config(self.cfg)), self.transform)
+            self.seconds["face_model"] += time.perf_counter() - start
+        self.keypoints = np.concatenate([self.keypoints, keypoints])
+        self.boxes = np.concatenate([self.boxes, boxes])
+
+    def merge(self, tracks: dict) -> dict:
+        """`_sidecar_tracks` output with the found tracks in place of the missing ones (frames not yet
+        seen by the models, e.g. a detection stream a frame short, get conf 0 / NaN)."""
+        per_frame, count = tracks["per_frame"], len(tracks["per_frame"]["keypoints"])
+        have = min(count, len(self.keypoints))
+        if self.pose:
+            per_frame["keypoints"] = np.zeros((count, 17, 3), np.float32)
+            per_frame["keypoints"][:have] = self.keypoints[:have]
+            tracks["flags"]["has_keypoints"] = True
+        if self.face:
+            per_frame["face_boxes"] = np.full((count, 4), np.nan, np.float32)
+            per_frame["face_boxes"][:have] = self.boxes[:have]
+            tracks["flags"]["has_face_boxes"] = True
+        return tracks
+
+    def take_seconds(self) -> dict[str, float]:
+        """Model seconds since the last call (for the rows of the window just made)."""
+        seconds, self.seconds = self.seconds, dict.fromkeys(MODEL_STEPS, 0.0)
+        return seconds
+
+
+def _face_model_track(frames: np.ndarray, face) -> np.ndarray:
+    """Face boxes float32 (n, 4) of frames uint8 (n, H, W, 3) by the configured detector; NaN where none.
+
+    Haar searches every `detect_every`-th frame (tracking near the last face); a frame between two
+    searched frames gets their boxes' linear interpolation when both found a face, else NaN, so a
+    clip's found fraction is about that of its searched frames."""
+    detector = resolve_detector(face.detector, face.model_dir)
+    if detector == "blazeface":
+        detect = face_detector(face)
+        return np.array([_nan_if_none(detect(frame)) for frame in frames], np.float32).reshape(-1, 4)
+    boxes, searched = stages.detect_faces_haar(frames, face.min_side, every=face.detect_every,
+                                               track_search=face.track_search)
+    known = np.flatnonzero(searched)  # frame 0 and the last frame are always searched
+    for t in np.flatnonzero(~searched):
+        after = known[np.searchsorted(known, t)]
+        before = known[np.searchsorted(known, t) - 1]
+        share = (t - before) / (after - before)
+        boxes[t] = (1 - share) * boxes[before] + share * boxes[after]  # NaN unless both were found
+    return boxes
 
 
 def _first_box(tracks: dict) -> np.ndarray:
@@ -406,12 +526,8 @@ def pixels_kept(batch: dict, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def _extract_keypoints(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """COCO-17 keypoints (T, 17, 3) of one clip's frames from the configured extractor.
-
-    The extractors see the clip's decoded frames, already in the clip geometry (fps, size, crop/pad),
-    so their keypoints need no further mapping. Not yet the source resolution the issue asks for: that
-    needs a second decode at source size here (the frames come from `_decode_clip_windows`).
-    """
+    """COCO-17 keypoints (n, 17, 3) in the pixels of `frames` from the configured extractor
+    (`_Detections` gives it the detection stream and maps the result to clip pixels)."""
     if cfg.pose.extractor == "none":
         raise StageError("pose", "no sidecar keypoints and pose.extractor='none'")
     from ray_jobs.preprocess.pose import load_blazepose_extractor, load_extractor
@@ -425,32 +541,26 @@ def _extract_keypoints(frames: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def add_face_track(batch: dict, cfg: PreprocessConfig) -> dict:
-    """map_batches UDF: smoothed `face_boxes` (B, T, 4), `face_crops` (B, T, Hf, Wf, 3), `has_face` (B,)."""
-    face = _local_face_config(cfg)
-    detector = resolve_detector(face.detector, face.model_dir) if face.detector != "none" else "none"
+    """map_batches UDF: smoothed `face_boxes` (B, T, 4), `face_crops` (B, T, Hf, Wf, 3), `has_face` (B,).
+
+    The raw boxes are the sidecar's or the detector's (found on the detection stream while decoding,
+    `_Detections`; NaN where it missed): gaps are interpolated, the track smoothed; a clip with faces
+    on fewer than `face.min_detect_fraction` of its frames gets has_face False and zero crops.
+    """
+    face = cfg.face
     boxes_out = np.zeros((len(batch["source"]), cfg.clip_frames, 4), np.float32)
     has_face = np.zeros(len(batch["source"]), bool)
 
     def crop(i: int) -> np.ndarray:
-        frames = batch["frames"][i]
-        searched = np.ones(cfg.clip_frames, bool)
-        if batch["has_face_boxes"][i]:
-            raw = batch["face_boxes"][i]
-        elif detector == "blazeface":  # every frame: ~1 ms each at BlazeFace's 128x128 input
-            detect = face_detector(face)
-            raw = np.array([_nan_if_none(detect(frame)) for frame in frames], np.float32)
-        elif detector == "haar":
-            raw, searched = stages.detect_faces_haar(frames, every=face.detect_every, track_search=face.track_search,
-                                                     min_found=face.min_detect_fraction)
-        else:
-            raw = np.full((cfg.clip_frames, 4), np.nan, np.float32)
-        filled, _ = stages.fill_missing_boxes(np.asarray(raw, np.float32))
-        found = float(np.isfinite(np.asarray(raw)[searched]).all(axis=1).mean())
+        if not batch["has_face_boxes"][i]:  # face.detector 'none' and no sidecar boxes
+            return np.zeros((cfg.clip_frames, face.size, face.size, 3), np.uint8)
+        raw = np.asarray(batch["face_boxes"][i], np.float32)
+        filled, found = stages.fill_missing_boxes(raw)
         if found < face.min_detect_fraction:
             return np.zeros((cfg.clip_frames, face.size, face.size, 3), np.uint8)  # no face: flag, zeros
         boxes_out[i] = stages.smooth_boxes(filled, face.smooth_frames)
         has_face[i] = True
-        return stages.crop_faces(frames, boxes_out[i], face.size, face.margin)
+        return stages.crop_faces(batch["frames"][i], boxes_out[i], face.size, face.margin)
 
     _for_each_clip(batch, "face", "face_crops", (cfg.clip_frames, face.size, face.size, 3), np.uint8, crop)
     batch["face_boxes"], batch["has_face"] = boxes_out, has_face
@@ -602,7 +712,8 @@ def process_videos(batch: dict[str, np.ndarray], cfg: PreprocessConfig,
         clips = next(windows, None)
         if clips is None:
             return
-        _add_seconds(clips, "decode", time.perf_counter() - start)
+        models = sum(float(np.sum(clips[TIMING_PREFIX + step])) for step in MODEL_STEPS)
+        _add_seconds(clips, "decode", time.perf_counter() - start - models)
         for stage in CPU_STAGES:
             start = time.perf_counter()
             clips = stage(clips, cfg)
