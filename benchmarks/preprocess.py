@@ -21,7 +21,14 @@ the balance towards decoding; the tiny default has sources and shards both 64x64
 For the scaling goal the run also measures this machine's own ceiling: the same per-video work in
 plain processes pinned to one core, then to two (`same_work_without_ray`).
 
+`--real` (results/preprocess_real.json) measures the job at real geometry: 720p 25 fps H.264 sources
+with 44.1 kHz stereo AAC and no sidecar (a real photograph of a person, scikit-image's `astronaut`, panned
+and zoomed by ffmpeg) into the wan-1.3b preset's 81x480x832 clips, VAE off, so keypoints come from
+BlazePose and faces from BlazeFace on the 512x288 detection stream; the baseline is ffmpeg decoding the
+same files to 832x480 alone. The models' own cost per frame (one core, in-process) is recorded beside it.
+
     python benchmarks/preprocess.py [--videos 48 --duration 8 --repeats 5 --size 64 --source-size 64]
+    python benchmarks/preprocess.py --real [--videos 16 --duration 10.2 --repeats 2]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -46,14 +54,39 @@ def _make_videos(root: Path, count: int, duration: float, size: int) -> Path:
     return root / "videos"
 
 
-def _decode_only(batch: dict, fps: float, size: int, clip_frames: int, stride: int, threads: int) -> dict:
+def _make_real_videos(root: Path, count: int, duration: float) -> Path:
+    """`count` 1280x720 25 fps H.264 videos with 44.1 kHz stereo AAC and no sidecar: a real photograph of a
+    person (scikit-image's `astronaut`) panned and zoomed by ffmpeg, each video its own path and tone."""
+    from skimage import data
+    from PIL import Image
+
+    from core.media import ffmpeg_exe
+
+    videos = root / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    photo = root / "astronaut.png"
+    Image.fromarray(data.astronaut()).resize((1024, 1024)).save(photo)
+    frames = int(round(duration * 25))
+    for i in range(count):
+        zoom = f"zoom='1.15+0.15*sin(2*PI*on/{frames}*{1 + i % 3})'"
+        pan = f"x='(iw-iw/zoom)*(0.5+0.4*sin(2*PI*on/{frames}+{i}))':y='(ih-ih/zoom)*0.3'"
+        subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-loop", "1", "-i", str(photo),
+                        "-f", "lavfi", "-i", f"sine=frequency={220 + 30 * i}:sample_rate=44100:duration={duration}",
+                        "-filter_complex", f"[0:v]zoompan={zoom}:{pan}:d={frames}:s=1280x720:fps=25,format=yuv420p[v]",
+                        "-map", "[v]", "-map", "1:a", "-ac", "2", "-frames:v", str(frames), "-c:v", "libx264",
+                        "-preset", "veryfast", "-crf", "20", "-c:a", "aac", str(videos / f"real{i:03d}.mp4")], check=True)
+    return videos
+
+
+def _decode_only(batch: dict, fps: float, width: int, height: int, fit: str, clip_frames: int, stride: int,
+                 threads: int) -> dict:
     """The decode half of the pipeline alone: one ffmpeg run per file, count the clips it yields."""
     import numpy as np
 
     from core.media import decode_video
 
-    counts = [max(0, (len(decode_video(str(source), fps, (size, size), threads=threads)) - clip_frames) // stride + 1)
-              for source in batch["source"]]
+    counts = [max(0, (len(decode_video(str(source), fps, (width, height), fit, threads=threads)) - clip_frames)
+                  // stride + 1) for source in batch["source"]]
     return {"clips": np.asarray(counts)}
 
 
@@ -67,8 +100,8 @@ def _time_decode(files: list[str], cfg) -> tuple[float, int]:
     with _data_context(cfg):
         ds = ray.data.from_items([{"source": f} for f in files], override_num_blocks=len(files))
         ds = ds.map_batches(_decode_only, batch_size=cfg.videos_per_task, fn_kwargs={
-            "fps": cfg.fps, "size": cfg.width, "clip_frames": cfg.clip_frames, "stride": cfg.stride,
-            "threads": cfg.ffmpeg_threads})
+            "fps": cfg.fps, "width": cfg.width, "height": cfg.height, "fit": cfg.fit, "clip_frames": cfg.clip_frames,
+            "stride": cfg.stride, "threads": cfg.ffmpeg_threads})
         clips = int(sum(row["clips"] for row in ds.take_all()))
     return time.perf_counter() - start, clips
 
@@ -83,18 +116,23 @@ def _time_pipeline(cfg, output: Path) -> tuple[float, int, dict[str, float]]:
     return time.perf_counter() - start, summary["clips_written"], summary["stage_seconds"]
 
 
-def _job_config(videos: Path, output: Path, size: int):
+# --real: the wan-1.3b preset's clips (81 frames of 832x480 at 16 fps, latents 8x smaller), pose from
+# BlazePose and faces from BlazeFace (the defaults for videos without sidecars), pixels of train clips dropped.
+REAL_GEOMETRY = {"width": 832, "height": 480, "clip_frames": 81, "stride": 81, "fps": 16.0, "latent_spatial_factor": 8}
+
+
+def _job_config(videos: Path, output: Path, geometry: dict):
     from ray_jobs.preprocess import PreprocessConfig
 
-    return PreprocessConfig(input=str(videos), output=str(output), width=size, height=size, vae={"enabled": False})
+    return PreprocessConfig(input=str(videos), output=str(output), vae={"enabled": False}, **geometry)
 
 
-def _measure(num_cpus: int, videos: Path, work: Path, repeats: int, size: int) -> dict:
+def _measure(num_cpus: int, videos: Path, work: Path, repeats: int, geometry: dict) -> dict:
     """Warm up, then time decode-alone and the pipeline `repeats` times on a fresh local Ray."""
     import ray
 
     files = sorted(str(p) for p in videos.glob("*.mp4"))
-    cfg = _job_config(videos, work / "warm", size)
+    cfg = _job_config(videos, work / "warm", geometry)
     all_cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, sorted(all_cores)[:num_cpus])  # inherited by the raylet and its workers
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
@@ -127,17 +165,18 @@ def _input_batch(video: Path) -> dict:
     """The one-video input batch `udfs.process_videos` gets from the job's listing (sidecar beside it)."""
     import numpy as np
 
-    return {"source": np.array([str(video)], object), "sidecar": np.array([str(video.with_suffix(".json"))], object),
+    sidecar = str(video.with_suffix(".json")) if video.with_suffix(".json").exists() else ""
+    return {"source": np.array([str(video)], object), "sidecar": np.array([sidecar], object),
             "size": np.zeros(1, np.int64), "mtime": np.zeros(1, np.int64)}
 
 
-def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dict:
+def _stage_profile(videos: Path, geometry: dict, work: Path, repeats: int = 3) -> dict:
     """Milliseconds per video of each step, in-process on one core, best of `repeats` (where the time goes)."""
     from core.media import decode_audio, decode_video, decode_video_and_audio
     from ray_jobs.preprocess import udfs
 
     source = sorted(videos.glob("*.mp4"))[0]
-    cfg = _job_config(videos, work / "profile", size)
+    cfg = _job_config(videos, work / "profile", geometry)
     item = _input_batch(source)
     timings: dict[str, list[float]] = {}
 
@@ -160,12 +199,12 @@ def _stage_profile(videos: Path, size: int, work: Path, repeats: int = 3) -> dic
     return {"clips": len(batch["clip_index"]), "ms": {k: round(min(v), 1) for k, v in timings.items()}}
 
 
-def _ceiling_worker(core: int, files: list[str], size: int, out: str, barrier, results) -> None:
+def _ceiling_worker(core: int, files: list[str], geometry: dict, out: str, barrier, results) -> None:
     """One plain process pinned to `core`: the job's per-video work (`udfs.process_videos`) over `files`."""
     from ray_jobs.preprocess import udfs
 
     os.sched_setaffinity(0, [core])
-    cfg = _job_config(Path(files[0]).parent, Path(out), size)
+    cfg = _job_config(Path(files[0]).parent, Path(out), geometry)
     items = [_input_batch(Path(f)) for f in files]
     list(udfs.process_videos(items[0], cfg, out + "-warm"))  # imports, first-call costs (a generator UDF)
     barrier.wait()  # both processes start together, so they contend as Ray's two tasks do
@@ -175,7 +214,7 @@ def _ceiling_worker(core: int, files: list[str], size: int, out: str, barrier, r
     results.put(time.perf_counter() - start)
 
 
-def _machine_ceiling(videos: Path, size: int, work: Path, repeats: int) -> dict:
+def _machine_ceiling(videos: Path, geometry: dict, work: Path, repeats: int) -> dict:
     """The same per-video work without Ray: 1 process on one core vs 2 pinned processes, best of `repeats`.
 
     What two cores of this machine give this work with no scheduler in the way: the reference for
@@ -189,7 +228,7 @@ def _machine_ceiling(videos: Path, size: int, work: Path, repeats: int) -> dict:
     for rep in range(repeats):
         for cores in (1, 2):
             barrier, results = ctx.Barrier(cores), ctx.Queue()
-            procs = [ctx.Process(target=_ceiling_worker, args=(core, files[core::cores], size,
+            procs = [ctx.Process(target=_ceiling_worker, args=(core, files[core::cores], geometry,
                                                                str(work / f"ceiling{rep}-{cores}-{core}"), barrier,
                                                                results)) for core in range(cores)]
             for proc in procs:
@@ -204,25 +243,70 @@ def _goal(name: str, value: float, target: float, unit: str = "x") -> dict:
     return {"name": name, "value": round(value, 3), "target": target, "unit": unit, "met": value >= target}
 
 
-def main(argv=None) -> dict:
+def _model_cost(videos: Path, cfg) -> dict:
+    """The pose and face models' own cost per frame, in-process on one core, on the detection stream of
+    one video (what the job feeds them): ms per frame, best of 2, and the frames' size."""
+    import numpy as np
+    import torch
+
+    from core.media import decode_video, detection_size, probe
+    from model.blazepose import BlazeFaceDetector, BlazePoseExtractor
+
+    torch.set_num_threads(1)
+    source = sorted(videos.glob("*.mp4"))[0]
+    info = probe(source)
+    size = detection_size((info.width, info.height), cfg.detection_long_side)
+    frames = decode_video(source, cfg.fps, size, "crop", info, threads=1)
+    pose, face = BlazePoseExtractor(cfg.pose.model_dir, fps=cfg.fps), BlazeFaceDetector(cfg.face.model_dir)
+    costs = {}
+    for name, run in (("pose_model", lambda: pose(frames)), ("face_model", lambda: [face(f) for f in frames])):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+        costs[name] = round(min(times) * 1000 / len(frames), 2)
+    found = float((np.asarray(pose(frames))[..., 2].max(axis=1) > 0.5).mean())
+    return {"ms_per_frame": costs, "detection_size": list(size), "frames": len(frames), "person_found_fraction": found}
+
+
+def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--videos", type=int, default=48)
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per synthetic video")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--real", action="store_true", help="720p H.264 + 44.1 kHz stereo sources of a real "
+                        "photograph (no sidecars) into 81x480x832 clips, BlazePose/BlazeFace: "
+                        "results/preprocess_real.json")
+    parser.add_argument("--videos", type=int, default=None, help="default 48 (16 with --real)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per video (default 8; 10.2 with --real: "
+                        "two 81-frame clips)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --real)")
     parser.add_argument("--size", type=int, default=64, help="frame side of the shards")
     parser.add_argument("--source-size", type=int, default=None, help="frame side of the synthetic videos "
                         "(default: --size)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    real = args.real
+    args.videos = args.videos or (16 if real else 48)
+    args.duration = args.duration or (10.2 if real else 8.0)
+    args.repeats = args.repeats or (2 if real else 5)
+    args.out = args.out or (RESULTS.with_name("preprocess_real.json") if real else RESULTS)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per Ray task: no hidden BLAS threads
+    geometry = REAL_GEOMETRY if args.real else {"width": args.size, "height": args.size}
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
         work = Path(tmp)
-        source_size = args.source_size or args.size
-        videos = _make_videos(work / "synthetic", args.videos, args.duration, source_size)
-        profile = _stage_profile(videos, args.size, work)
-        ceiling = _machine_ceiling(videos, args.size, work, repeats=3)
+        side = args.source_size or args.size
+        source_size = "1280x720" if args.real else f"{side}x{side}"
+        videos = (_make_real_videos(work / "real", args.videos, args.duration) if args.real else
+                  _make_videos(work / "synthetic", args.videos, args.duration, side))
+        models = _model_cost(videos, _job_config(videos, work / "x", geometry)) if args.real else None
+        profile = _stage_profile(videos, geometry, work)
+        ceiling = _machine_ceiling(videos, geometry, work, repeats=1 if args.real else 3)
         load_before = os.getloadavg()
-        one, two = (_measure(n, videos, work, args.repeats, args.size) for n in (1, 2))
+        one, two = (_measure(n, videos, work, args.repeats, geometry) for n in (1, 2))
         load_after = os.getloadavg()
     result = {
         "goals": [
@@ -238,9 +322,9 @@ def main(argv=None) -> dict:
         "cpu_stages_alone_vs_decode_2cpu": two["in_task_ms_per_video"]["decode"] / sum(
             ms for step, ms in two["in_task_ms_per_video"].items() if step != "decode"),
         "same_work_without_ray": ceiling,
-        "setup": {"videos": args.videos, "duration_s": args.duration, "size": f"{args.size}x{args.size}",
-                  "source_size": f"{source_size}x{source_size}", "fps": 16,
-                  "clip_frames": 8, "stride": 8, "vae": False, "repeats": args.repeats,
+        "models_one_core": models,
+        "setup": {"real": args.real, "videos": args.videos, "duration_s": args.duration, "geometry": geometry,
+                  "source_size": source_size, "vae": False, "repeats": args.repeats,
                   "host_cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

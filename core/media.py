@@ -149,6 +149,25 @@ def _video_graph(stream, fps: float, size: tuple[int, int], fit: str):
     return node.filter("pad", width, height, "(ow-iw)/2", "(oh-ih)/2")
 
 
+def fit_transform(src_size: tuple[int, int], dst_size: tuple[int, int], fit: str) -> tuple[float, float, float]:
+    """(scale, tx, ty) with x' = x * scale + tx mapping source pixels to the decoded frame (`decode_video`).
+
+    'crop' scales to cover and centre-crops (tx, ty <= 0); 'pad' scales to fit and centres (tx, ty >= 0).
+    """
+    (src_w, src_h), (dst_w, dst_h) = src_size, dst_size
+    ratios = (dst_w / src_w, dst_h / src_h)
+    scale = max(ratios) if fit == "crop" else min(ratios)
+    return scale, (dst_w - src_w * scale) / 2.0, (dst_h - src_h * scale) / 2.0
+
+
+def detection_size(src_size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """(W, H) at which pose/face models see a (W, H) source: its aspect, the long side `long_side`
+    (never upscaled), even sides (ffmpeg's scale). Decode with fit 'crop' (a sub-pixel crop at most)."""
+    width, height = src_size
+    scale = min(1.0, long_side / max(width, height, 1))
+    return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+
+
 def expected_frames(info: MediaInfo, fps: float) -> float:
     """Frames a full decode at `fps` should give, from the container's count or duration (0: unknown)."""
     return info.num_frames * fps / info.fps if info.fps else info.duration_s * fps

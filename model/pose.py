@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 __all__ = ["COCO17_NAMES", "COCO17_LIMBS", "LIMB_COLORS", "JOINT_COLOR", "POSE_RENDER_COLUMNS", "render_pose",
-           "render_pose_frame", "render_pose_batch"]
+           "render_pose_frame", "render_pose_batch", "transform_points"]
 
 # Batch columns from which a worker renders the pose maps of shards written without them
 # (`store_pixels: false`): the keypoints, and the canvas and threshold preprocessing drew with, added
@@ -115,3 +115,14 @@ def render_pose_batch(keypoints: np.ndarray, height: int, width: int, conf_thres
     for clip, out in zip(keypoints, maps):
         render_pose(clip, height, width, conf_threshold, out=out)
     return maps
+
+
+def transform_points(points: np.ndarray, transform: tuple[float, float, float]) -> np.ndarray:
+    """Keypoints (..., 17, 3) [x, y, conf] in source pixels -> decoded-frame pixels (conf unchanged).
+
+    `transform` is (scale, tx, ty) of `core.media.fit_transform`: x' = x * scale + tx."""
+    scale, tx, ty = transform
+    out = points.astype(np.float32, copy=True)
+    out[..., 0] = points[..., 0] * scale + tx
+    out[..., 1] = points[..., 1] * scale + ty
+    return out

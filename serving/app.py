@@ -297,7 +297,7 @@ class Ingress:
         poses = None if keypoints is None else parse_keypoints(keypoints, "keypoints", height, width)
         if pose_video is not None:
             poses = pose_from_video(pose_video, "pose_video", height, width, fps, limits.max_frames,
-                                    functools.partial(self._extract_pose, fps=fps))
+                                    functools.partial(self._extract_pose, fps=fps), cfg.detection_long_side)
         num_frames, source = resolve_frames(frames, duration, fps, wave, poses, rate, cfg.default_frames)
         self._check_frames(num_frames, source, fps, poses)
         return AnimationRequest(ref, wave, poses, num_frames, fps, steps, seed, face_box=box)

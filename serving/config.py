@@ -108,6 +108,9 @@ class ServeAppConfig(StrictConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the replica has a GPU")
     pose_model_dir: str | None = Field(None, description="local BlazePose model cache for `pose_video` (None: the "
                                        "default cache `python -m ray_jobs.fetch_models` fills); empty: pose_video 422s")
+    detection_long_side: int = Field(512, ge=64, description="`pose_video` is decoded at its own aspect with this "
+                                     "long side for BlazePose (never upscaled), as preprocessing's "
+                                     "`detection_long_side`, and the keypoints mapped into the output frame")
     precision: Precision = Field("auto", description="denoiser weights: auto = bf16 on a GPU, fp32 on CPU; Wan's "
                                  "fp32 modules (norms, time embedder) stay fp32 (model.precision)")
     vae: VAEConfig = Field(default_factory=VAEConfig, description="how the VAE runs (dtype, tiling, chunks); its "

@@ -110,24 +110,31 @@ def decode_audio_bytes(data: bytes, field: str, sample_rate: int, max_duration_s
 
 
 def pose_from_video(data: bytes, field: str, height: int, width: int, fps: float, max_frames: int,
-                    extractor: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                    extractor: Callable[[np.ndarray], np.ndarray], detection_long_side: int = 512) -> np.ndarray:
     """A driving video -> COCO-17 keypoints (T, 17, 3) in pixels of the output H x W.
 
-    Decoded at the request's fps and fitted to H x W exactly as the reference image is (cover, centre crop),
-    then run through ``extractor`` (the preprocessing job's, `model.blazepose.BlazePoseExtractor`), so the
-    keypoints are where the served frames have them. More than ``max_frames`` frames is an error."""
-    from core.media import MediaError, decode_video
+    As preprocessing does (`ray_jobs.preprocess.udfs._Detections`): decoded at the request's fps at the
+    video's own aspect with long side `detection_long_side` (never upscaled), run through ``extractor``
+    (`model.blazepose.BlazePoseExtractor`), then mapped into the output frame fitted as the reference image
+    is (cover, centre crop), so the keypoints are where the served frames have them. Joints not found
+    stay (0, 0, 0). More than ``max_frames`` frames is an error."""
+    from core.media import MediaError, decode_video, detection_size, fit_transform, probe
+    from model.pose import transform_points
 
     with tempfile.NamedTemporaryFile(suffix=".video") as tmp:
         tmp.write(data)
         tmp.flush()
         try:
-            frames = decode_video(tmp.name, fps, (width, height), fit="crop")
+            info = probe(tmp.name)
+            size = detection_size((info.width, info.height), detection_long_side)
+            frames = decode_video(tmp.name, fps, size, fit="crop", info=info)
         except MediaError as exc:
             raise InputError(field, f"not a readable video: {exc}") from None
     if not 1 <= len(frames) <= max_frames:
         raise InputError(field, f"gives {len(frames)} frames at {fps:g} fps; must lie in [1, {max_frames}]")
-    return extractor(frames)
+    keypoints = extractor(frames)
+    mapped = transform_points(keypoints, fit_transform(size, (width, height), "crop"))
+    return np.where(keypoints[..., 2:] > 0, mapped, 0).astype(np.float32)
 
 
 def parse_keypoints(data: bytes, field: str, height: int, width: int) -> np.ndarray:

@@ -116,16 +116,21 @@ def test_track_through_a_real_h264_video_is_smooth(models, astronaut, tmp_path):
 
 
 def test_serving_takes_a_pose_video_through_the_same_extractor(models, astronaut, tmp_path):
-    """`serving.inputs.pose_from_video`: the upload fitted to the output H x W like the reference, then the
-    preprocessing extractor: the keypoints equal the extractor's on the same decode; bad bytes are a 422 reason."""
+    """`serving.inputs.pose_from_video`: the upload at its own size (320x240 <= the 512 detection side) through
+    the preprocessing extractor, the keypoints mapped into the output H x W fitted like the reference (cover,
+    centre crop); bad bytes are a 422 reason."""
+    from ray_jobs.preprocess.stages import fit_transform, transform_points
     from serving.inputs import InputError, pose_from_video
 
     frames, _, _ = _pan_zoom(astronaut, 8, (320, 240))
     mux_mp4(frames, None, 16.0, tmp_path / "drive.mp4")
     extractor = BlazePoseExtractor(models, fps=16.0)
     got = pose_from_video((tmp_path / "drive.mp4").read_bytes(), "pose_video", 128, 128, 16.0, 32, extractor)
-    expected = extractor(decode_video(tmp_path / "drive.mp4", 16.0, (128, 128), fit="crop"))
-    assert got.shape == (8, 17, 3) and np.array_equal(got, expected)
+    on_source = extractor(decode_video(tmp_path / "drive.mp4", 16.0, (320, 240)))
+    expected = transform_points(on_source, fit_transform((320, 240), (128, 128), "crop"))
+    assert got.shape == (8, 17, 3) and np.allclose(got, np.where(on_source[..., 2:] > 0, expected, 0))
+    small = pose_from_video((tmp_path / "drive.mp4").read_bytes(), "pose_video", 128, 128, 16.0, 32, extractor, 160)
+    assert np.median(np.abs(small - got)[..., :2][(got[..., 2] > 0.5) & (small[..., 2] > 0.5)]) < 3  # 160x120 in
     upper = got[:, [NOSE, L_SHOULDER, R_SHOULDER]]  # in the 128x128 crop (hips and legs fall below it)
     assert (upper[..., 2] > 0.5).all() and ((upper[..., :2] >= 0) & (upper[..., :2] <= 128)).all()
     with pytest.raises(InputError, match="pose_video.*readable|readable"):

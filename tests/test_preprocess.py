@@ -831,3 +831,22 @@ def test_plain_videos_without_sidecars_get_splits_pose_and_faces(raw_data):
     assert len(errors) > 0.5 * len(rows) * T * 17 * 0.5  # most joints of most frames seen
     assert np.median(errors) < 3.0, np.median(errors)  # px at 64x64 (the puppets' joints, BlazePose on cartoons)
     assert np.mean(faces) >= 0.75 and np.median(ious) > 0.3, (np.mean(faces), ious)
+
+
+def test_detection_stream_geometry():
+    """The models see the source at its aspect, long side detection_long_side, never upscaled; clip frames
+    already that large are used instead of a second decode (no mapping then)."""
+    from types import SimpleNamespace
+
+    from core.media import detection_size
+
+    assert detection_size((1280, 720), 512) == (512, 288) and detection_size((128, 96), 512) == (128, 96)
+    assert detection_size((1080, 1920), 512) == (288, 512)  # portrait phone video
+    real = PreprocessConfig(input="in", output="out", width=832, height=480, latent_spatial_factor=8)
+    hd = udfs._Detections(real, SimpleNamespace(width=1280, height=720), {})
+    assert hd.needed and hd.reuses_clip_frames and hd.transform == (1.0, 0.0, 0.0)
+    tiny = udfs._Detections(_config("in", "out"), SimpleNamespace(width=128, height=96), {})
+    assert not tiny.reuses_clip_frames and tiny.size == (128, 96)
+    np.testing.assert_allclose(tiny.transform, (2 / 3, -32 / 3, 0.0))  # 96 -> 64 high, 85.3 wide cropped to 64
+    sidecar = {"keypoints": [], "face_boxes": []}  # the sidecar gives both tracks: nothing to detect
+    assert not udfs._Detections(_config("in", "out"), SimpleNamespace(width=128, height=96), sidecar).needed

@@ -143,7 +143,8 @@ class PreprocessConfig(StrictConfig):
                                      "the source's aspect with this long side (never upscaled), in a second ffmpeg "
                                      "stream beside the clip frames, not the clip geometry (64x64 in the tiny "
                                      "config); their keypoints and boxes are mapped into the clip's crop/pad "
-                                     "geometry. When that size is the clip geometry itself the clip frames are used")
+                                     "geometry. When the clip frames are at least that size in both axes (832x480 "
+                                     "clips of 720p: 512x288) the models see the clip frames, no second decode")
     latent_spatial_factor: int = Field(4, ge=1, description="pixels per latent cell; motion masks are pooled by it "
                                        "(must equal the VAE's spatial factor when the VAE stage is on)")
     motion_delta: float = Field(0.04, gt=0, lt=1, description="DanceLCM delta: a pixel moves when its max-channel "

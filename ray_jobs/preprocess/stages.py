@@ -9,7 +9,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from core.media import fit_transform  # noqa: F401  (re-exported: the preprocessing geometry)
 from model.face import crop_faces, haar_cascade, largest_face
+from model.pose import transform_points  # noqa: F401  (re-exported)
 
 __all__ = ["assign_split", "SPLITS", "clip_starts", "fit_transform", "resample_track", "transform_points", "transform_boxes",
            "slice_audio", "audio_samples_per_clip", "motion_mask", "smooth_boxes", "fill_missing_boxes",
@@ -23,17 +25,6 @@ def clip_starts(num_frames: int, clip_frames: int, stride: int) -> np.ndarray:
     return np.arange(0, num_frames - clip_frames + 1, stride, dtype=np.int64)
 
 
-def fit_transform(src_size: tuple[int, int], dst_size: tuple[int, int], fit: str) -> tuple[float, float, float]:
-    """(scale, tx, ty) with x' = x * scale + tx mapping source pixels to the decoded frame (media.decode_video).
-
-    'crop' scales to cover and centre-crops (tx, ty <= 0); 'pad' scales to fit and centres (tx, ty >= 0).
-    """
-    (src_w, src_h), (dst_w, dst_h) = src_size, dst_size
-    ratios = (dst_w / src_w, dst_h / src_h)
-    scale = max(ratios) if fit == "crop" else min(ratios)
-    return scale, (dst_w - src_w * scale) / 2.0, (dst_h - src_h * scale) / 2.0
-
-
 def resample_track(track: np.ndarray, src_fps: float, dst_fps: float, num_frames: int) -> np.ndarray:
     """Per-frame annotations (N, ...) at `src_fps` -> (num_frames, ...) at `dst_fps` by nearest source frame.
 
@@ -41,15 +32,6 @@ def resample_track(track: np.ndarray, src_fps: float, dst_fps: float, num_frames
     """
     index = np.rint(np.arange(num_frames) * (src_fps / dst_fps)).astype(np.int64)
     return track[np.clip(index, 0, len(track) - 1)]
-
-
-def transform_points(points: np.ndarray, transform: tuple[float, float, float]) -> np.ndarray:
-    """Keypoints (..., 17, 3) [x, y, conf] in source pixels -> decoded-frame pixels (conf unchanged)."""
-    scale, tx, ty = transform
-    out = points.astype(np.float32, copy=True)
-    out[..., 0] = points[..., 0] * scale + tx
-    out[..., 1] = points[..., 1] * scale + ty
-    return out
 
 
 def transform_boxes(boxes: np.ndarray, transform: tuple[float, float, float]) -> np.ndarray:

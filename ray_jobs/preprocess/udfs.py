@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from model.face import face_detector, reference_face, resolve_detector
-from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, expected_frames,
-                         iter_video_chunks, probe)
+from core.media import (MediaError, decode_audio, decode_video, decode_video_and_audio, detection_size,
+                         expected_frames, iter_video_chunks, probe)
 from model.pose import render_pose
 from core.storage import Storage, StorageError, sha256_file
 from artifacts.audio import shared_audio_encoder
@@ -278,13 +278,6 @@ class _VideoClips:
                                      f"< clip_frames={self.cfg.clip_frames}")
 
 
-def _detection_size(info, cfg: PreprocessConfig) -> tuple[int, int]:
-    """(W, H) of the frames the pose and face models see: the source's aspect with long side
-    `cfg.detection_long_side`, never upscaled, even (ffmpeg's scale)."""
-    scale = min(1.0, cfg.detection_long_side / max(info.width, info.height, 1))
-    return max(2, 2 * round(info.width * scale / 2)), max(2, 2 * round(info.height * scale / 2))
-
-
 def _decode_detection_frames(path: Path, info, cfg: PreprocessConfig, size: tuple[int, int]) -> np.ndarray:
     try:
         return decode_video(path, cfg.fps, size, "crop", info, cfg.ffmpeg_threads)
@@ -297,7 +290,8 @@ class _Detections:
 
     The models see frames decoded at `size` (the source's aspect, `detection_long_side`), not the clip
     geometry; what they find is mapped to clip pixels with the same crop/pad transform as sidecar
-    tracks (`stages.fit_transform`). Frames come in order, a whole video or one window at a time
+    tracks (`stages.fit_transform`). When the clip frames are at least that large in both axes, they
+    are what the models see (`reuses_clip_frames`). Frames come in order, a whole video or one window at a time
     (each window's track is smoothed on its own); missed faces are NaN, for `add_face_track` to fill.
     """
 
@@ -305,19 +299,19 @@ class _Detections:
         self.cfg = cfg
         self.pose = "keypoints" not in sidecar and cfg.pose.extractor != "none"
         self.face = "face_boxes" not in sidecar and cfg.face.detector != "none"
-        self.size = _detection_size(info, cfg) if info.width else (cfg.width, cfg.height)
-        self.transform = stages.fit_transform(self.size, (cfg.width, cfg.height), cfg.fit)
+        size = detection_size((info.width, info.height), cfg.detection_long_side)
+        # Clip frames at least as large as the detection frames (832x480 clips of 720p) already give the
+        # models their resolution: no second decode, at the price of the edges a crop cut off.
+        self.reuses_clip_frames = cfg.width >= size[0] and cfg.height >= size[1]
+        self.size = (cfg.width, cfg.height) if self.reuses_clip_frames else size
+        self.transform = (1.0, 0.0, 0.0) if self.reuses_clip_frames else stages.fit_transform(
+            size, (cfg.width, cfg.height), cfg.fit)
         self.keypoints, self.boxes = np.zeros((0, 17, 3), np.float32), np.zeros((0, 4), np.float32)
         self.seconds = dict.fromkeys(MODEL_STEPS, 0.0)
 
     @property
     def needed(self) -> bool:
         return self.pose or self.face
-
-    @property
-    def reuses_clip_frames(self) -> bool:
-        """The detection frames would be the clip frames themselves (a source already at clip size)."""
-        return self.size == (self.cfg.width, self.cfg.height) and self.transform == (1.0, 0.0, 0.0)
 
     def add(self, frames: np.ndarray) -> None:
         """Run the models on the next frames uint8 (n, H, W, 3) of the detection stream."""
