@@ -124,7 +124,8 @@ def _infer_card(folder: Path) -> ModelCard:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model export (no {CARD_FILE}, no config.json)")
     saved = json.loads((folder / "config.json").read_text())
-    model = ModelConfig(face_injection=bool(saved.get("face_injection", True)), aux_head=False)
+    model = ModelConfig(face_injection=bool(saved.get("face_injection", True)), aux_head=False,
+                        motion_frames=int(saved.get("motion_frames", 0)))
     return ModelCard(kind="teacher", model=model, sampler=SamplerSpec(kind="euler_cfg", steps=50, guidance=1.5),
                      inferred=True)
 

@@ -10,6 +10,9 @@ H, W pixel size, W_a audio window rows, M mel bins):
   broadcast over latent frames by the denoiser; (B, C, T_lat, hf, wf) per-latent-frame faces are
   accepted too. Shards give the reference's (``ref_face_latent``): the clip's own per-frame crops
   would leak the ground-truth mouth in training while serving only has the reference.
+* ``motion`` (B, C, k, h, w): clean latents of the last k latent frames of the previous chunk (long-form
+  continuation, motion frames): the denoiser pins the first k latent frames of x to them (`model.motion_frames`).
+  Keyword-only in practice (it follows ``keep``).
 * ``keep``: per condition a bool (B,) mask; False = that sample uses the condition's learned null
   (classifier-free guidance, condition dropout, missing audio/face). A condition that is None is
   dropped for every sample.
@@ -26,19 +29,20 @@ import torch
 
 __all__ = ["Conditions", "CONDITION_NAMES"]
 
-CONDITION_NAMES: tuple[str, ...] = ("ref", "pose", "audio", "face")
-_TENSOR_OF = {"ref": "ref_latent", "pose": "pose", "audio": "audio", "face": "face"}
+CONDITION_NAMES: tuple[str, ...] = ("ref", "pose", "audio", "face", "motion")
+_TENSOR_OF = {"ref": "ref_latent", "pose": "pose", "audio": "audio", "face": "face", "motion": "motion"}
 
 
 @dataclass(frozen=True)
 class Conditions:
-    """Reference latent, pose maps, audio windows, face latents and per-sample keep masks."""
+    """Reference latent, pose maps, audio windows, face latents, motion-frame prefix and per-sample keep masks."""
 
     ref_latent: torch.Tensor | None = None
     pose: torch.Tensor | None = None
     audio: torch.Tensor | None = None
     face: torch.Tensor | None = None
     keep: dict[str, torch.Tensor] = field(default_factory=dict)
+    motion: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.keep) - set(CONDITION_NAMES)

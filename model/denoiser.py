@@ -33,6 +33,13 @@ Conditions
 * face (B, C, 1, hf, wf), the reference's face latent (or per latent frame): patchified -> per-frame
   cross-attention (zero-init output);
   the whole path exists only with ``face_injection=True``.
+* motion frames (B, C, k, h, w), ``cond.motion``: clean latents of the previous chunk's last k latent
+  frames (long-form continuation, `model.motion_frames`). They take the place of x's first k latent
+  frames, so they sit in context at their own positions, and ``motion_embedding`` (zero-init; only with
+  ``motion_frames`` > 0) marks their tokens as given. The output there is the exact velocity that carries
+  x to them, (x - motion) / sigma: every sampler then ends on the prefix, and the flow-matching loss on
+  those frames has no gradient (no loss on them). A sample whose keep mask is False, or ``motion`` None,
+  has no prefix: its first frames are ordinary noisy frames, which is the model without the path.
 * every condition has a learned null used where ``cond.keep_mask(name)`` is False.
 Zero-init outputs mean a pretrained Wan loads and starts unchanged (up to the learned prompt).
 
@@ -138,7 +145,7 @@ def _zero_out(attn: WanAnimateFaceBlockCrossAttention) -> WanAnimateFaceBlockCro
 # checks them against __init__. Values: "zeros" or "normal:STD" ("dim" = 1 / sqrt(model dim)).
 _INIT_RULES: tuple[tuple[str, str], ...] = (
     (r"ref_embedding\.(weight|bias)|pose_encoder\.proj\.(weight|bias)|(audio|face)_attn\.\d+\.to_out\.(weight|bias)"
-     r"|null_(ref|pose|ref_frame)", "zeros"),
+     r"|null_(ref|pose|ref_frame)|motion_embedding", "zeros"),
     (r"null_(audio|face)|audio_pos", "normal:0.02"),
     (r"context_tokens", "normal:1"),
     (r"(blocks\.\d+\.)?scale_shift_table", "normal:dim"),
@@ -183,6 +190,7 @@ class AnimationDenoiser(WanTransformer3DModel):
         face_patch: int = 2,
         ref_as_frame: bool = False,
         aux_head: bool = False,
+        motion_frames: int = 0,
     ) -> None:
         if image_dim is not None or added_kv_proj_dim is not None:
             raise ValueError("image_dim/added_kv_proj_dim (Wan I2V CLIP path) are not supported: the ref enters as a latent")
@@ -211,6 +219,10 @@ class AnimationDenoiser(WanTransformer3DModel):
             self.null_face = nn.Parameter(torch.randn(dim) * 0.02)
         if ref_as_frame:
             self.null_ref_frame = nn.Parameter(torch.zeros(dim))
+        if motion_frames:
+            if motion_frames % patch_size[0]:
+                raise ValueError(f"motion_frames={motion_frames} must be a multiple of the temporal patch {patch_size[0]}")
+            self.motion_embedding = nn.Parameter(torch.zeros(dim))
         if aux_head:
             self.aux_norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
             self.aux_proj = nn.Linear(dim, out_channels * math.prod(patch_size))
@@ -336,6 +348,11 @@ class AnimationDenoiser(WanTransformer3DModel):
         tokens = self.patch_embedding(x)  # (B, D, T', h', w')
         grid = tuple(tokens.shape[2:])
         tokens = tokens + self._ref_tokens(cond, batch, grid, x) + self._pose_tokens(cond, batch, grid, x)
+        if cond.motion is not None:  # mark the given frames' tokens
+            frames = cond.motion.shape[2] // self.config.patch_size[0]
+            keep = cond.keep_mask("motion", x.device).view(-1, 1, 1, 1, 1).to(tokens.dtype)
+            marker = self.motion_embedding.to(tokens.dtype).view(1, -1, 1, 1, 1) * keep
+            tokens = torch.cat([tokens[:, :, :frames] + marker, tokens[:, :, frames:]], dim=2)
         if self.config.ref_as_frame:
             tokens = torch.cat([self._ref_frame(cond, batch, grid, x), tokens], dim=2)
         return tokens.flatten(2).transpose(1, 2).contiguous(), grid
@@ -373,7 +390,7 @@ class AnimationDenoiser(WanTransformer3DModel):
         Inputs are cast to the model's dtype here (the one place: a bf16 model takes the fp32 latents and
         conditions of any caller) and the outputs come back in x's dtype, so samplers keep their own."""
         cfg = self.config
-        in_dtype = x.dtype
+        in_dtype, raw_x = x.dtype, x
         x, cond = x.to(self.patch_embedding.weight.dtype), cond.to(None, self.patch_embedding.weight.dtype)
         patch = tuple(cfg.patch_size)
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
@@ -386,7 +403,8 @@ class AnimationDenoiser(WanTransformer3DModel):
         if cond.keep_mask("ref", x.device, batch).shape[0] != batch:
             raise ValueError(f"conditions have batch {cond.batch_size}, x has {batch}")
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(batch)
-        hidden, grid = self._embed(x, cond)
+        given = x if cond.motion is None else self._with_prefix(x, cond)
+        hidden, grid = self._embed(given, cond)
         frames_total = grid[0] + int(cfg.ref_as_frame)
         sp = self._sequence_parallel
         rope_frames = frames_total if sp is None else padded_frames(frames_total, sp.size)  # global positions
@@ -406,7 +424,38 @@ class AnimationDenoiser(WanTransformer3DModel):
             else:
                 hidden = stage(hidden, context, temb_proj, rope, audio, face)
         out = self._output(hidden, temb, grid, frames_total, return_aux)
-        return (out[0].to(in_dtype), out[1].to(in_dtype)) if return_aux else out.to(in_dtype)
+        v, aux = (out[0].to(in_dtype), out[1].to(in_dtype)) if return_aux else (out.to(in_dtype), None)
+        if cond.motion is not None:
+            v, aux = self._pin_prefix(v, aux, raw_x, sigma, cond)
+        return (v, aux) if return_aux else v
+
+    def _with_prefix(self, x: torch.Tensor, cond: Conditions) -> torch.Tensor:
+        """x with its first k latent frames replaced by ``cond.motion`` where the motion keep mask holds."""
+        frames, limit = cond.motion.shape[2], self.config.motion_frames
+        if not limit:
+            raise ValueError("cond.motion needs a model built with motion_frames > 0 (ModelConfig.motion_frames)")
+        self._check_shape("motion", cond.motion, (x.shape[0], x.shape[1], frames, *x.shape[3:]))
+        if not 0 < frames <= limit or frames >= x.shape[2] or frames % self.config.patch_size[0]:
+            raise ValueError(f"motion has {frames} latent frames: need 1..{limit} (motion_frames), fewer than x's "
+                             f"{x.shape[2]}, a multiple of the temporal patch {self.config.patch_size[0]}")
+        keep = cond.keep_mask("motion", x.device).view(-1, 1, 1, 1, 1)
+        head = torch.where(keep, cond.motion.to(x.dtype), x[:, :, :frames])
+        return torch.cat([head, x[:, :, frames:]], dim=2)
+
+    @staticmethod
+    def _pin_prefix(v: torch.Tensor, aux: torch.Tensor | None, x: torch.Tensor, sigma: torch.Tensor,
+                    cond: Conditions) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On the given frames: v = (x - motion) / sigma, the velocity whose x0 = x - sigma v is the prefix
+        exactly (aux x0 = the prefix), computed in fp32 from the caller's x."""
+        frames = cond.motion.shape[2]
+        keep = cond.keep_mask("motion", x.device).view(-1, 1, 1, 1, 1)
+        motion = cond.motion.to(device=x.device, dtype=torch.float32)
+        scale = sigma.float().clamp_min(1e-6).view(-1, 1, 1, 1, 1)
+        pinned = ((x[:, :, :frames].float() - motion) / scale).to(v.dtype)
+        v = torch.cat([torch.where(keep, pinned, v[:, :, :frames]), v[:, :, frames:]], dim=2)
+        if aux is not None:
+            aux = torch.cat([torch.where(keep, motion.to(aux.dtype), aux[:, :, :frames]), aux[:, :, frames:]], dim=2)
+        return v, aux
 
     def _local_frames(self, sp: SequenceParallel, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                       audio: torch.Tensor, face: torch.Tensor | None, frames_total: int, grid: tuple[int, int, int]):

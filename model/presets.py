@@ -74,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _WAN_DIMS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
              "freq_dim", "ffn_dim", "num_layers", "patch_size")
 # Our switches: taken from ModelConfig even when loading one of our own folders.
-_SWITCHES = ("face_injection", "aux_head", "ref_as_frame")
+_SWITCHES = ("face_injection", "aux_head", "ref_as_frame", "motion_frames")
 
 # Checked-in models (tiny VAE, pretrained tiny teacher, ...), named in configs as ``builtin:NAME``.
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -94,6 +94,10 @@ class ModelConfig(StrictConfig):
     face_injection: bool = Field(True, description="face-latent cross-attention path (DanceLCM); False removes it")
     aux_head: bool = Field(False, description="light head predicting clean latents (DanceLCM L_aux)")
     ref_as_frame: bool = Field(False, description="also prepend the ref latent as an extra token frame (Wan-Animate)")
+    motion_frames: int = Field(0, ge=0, description="up to this many latent frames of the previous chunk can be given "
+                               "as a clean prefix (long-form continuation, model.motion_frames); 0 = no such path, "
+                               "or the loaded folder's own count. Its one tensor is zero-init, so a checkpoint "
+                               "without it loads and samples as before")
     prompt_embedding: str | None = Field(None, description="safetensors file of one (L, text_dim) tensor (local; s3:// "
                                          "through artifacts.models.load_denoiser), an "
                                          "encoded prompt (umT5 output) the prompt tokens start from where the "
@@ -170,6 +174,8 @@ def _kwargs_for_folder(cfg: ModelConfig, folder_config: dict[str, Any]) -> dict[
     if class_name == AnimationDenoiser.__name__:
         kwargs = {k: v for k, v in folder_config.items() if not k.startswith("_")}
         kwargs.update({name: getattr(cfg, name) for name in _SWITCHES})
+        # a folder trained with motion frames keeps them unless the config asks for another count
+        kwargs["motion_frames"] = cfg.motion_frames or int(folder_config.get("motion_frames", 0))
         audio = {"audio_mels": cfg.audio.n_mels, "audio_window": cfg.audio.window}
         if any(kwargs.get(k) != v for k, v in audio.items()):
             raise ValueError(f"folder was trained with audio {[kwargs.get(k) for k in audio]} "

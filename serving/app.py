@@ -14,6 +14,7 @@ error, which leaves the CUDA context unusable; Serve then replaces the replica.
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import os
 import threading
@@ -22,17 +23,18 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
+from core.media import mux_mp4
 from core.storage import Storage
 from serving.config import ServeAppConfig, ServedModel, resolve_served
 from serving.inputs import (AnimationRequest, InputError, check_s3_uri, check_size, decode_audio_bytes,
                             decode_image, parse_face_box, parse_keypoints, pose_from_video, resolve_frames)
-from serving.jobs import JobProgress, JobStore, new_job_id, valid_job_id
+from serving.jobs import FINAL, JobBusy, JobCancelled, JobProgress, JobStore, new_job_id, valid_job_id
 
 __all__ = ["Animator", "Ingress", "build_app", "api"]
 
@@ -127,6 +129,7 @@ class Animator:
         self._batched.set_max_batch_size(self.cfg.animator.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.animator.batch_wait_timeout_s)
         self._in_flight = 0  # requests inside `_animate`; drives the adaptive batch wait
+        self.owner = new_job_id()  # this replica's name in the job leases it holds
         self._fatal: str | None = None
         if self.cfg.warmup:
             logger.info("Animator warm-up took %.2f s", self.engine.warmup())
@@ -189,16 +192,26 @@ class Animator:
         return {"mp4": mp4, "nfe": animation.nfe, "seconds": animation.seconds, "face": animation.face.as_dict(),
                 "precision": self.engine.precision}
 
-    async def run_job(self, job_id: str, request: AnimationRequest) -> str:
-        """Async path: progress and result go to the job record; never raises (the record carries the error)."""
+    async def run_job(self, job_id: str, request: AnimationRequest, takeover: bool = False) -> str:
+        """Async path: progress and result go to the job record; never raises (the record carries the error).
+
+        Takes the job's lease first (`JobStore.claim`): a job another live run holds answers "busy". A long
+        job resumes after its stored chunks; a cancelled one stops at its next step ("cancelled")."""
         try:
-            await asyncio.to_thread(self.jobs.update, job_id, status="running")
+            await asyncio.to_thread(self.jobs.claim, job_id, self.owner, takeover)
+        except JobBusy as exc:
+            logger.warning("job %s not run here: %s", job_id, exc)
+            return "busy"
+        try:
             progress = JobProgress(self.cfg.storage, self.cfg.output, self.cfg.job_stale_s, job_id)
             mp4, animation = await self._animate(request, progress)
             await asyncio.to_thread(self.jobs.write_video, job_id, mp4)
             await asyncio.to_thread(self.jobs.update, job_id, status="done", nfe=animation.nfe,
                                     seconds=animation.seconds, face=animation.face.as_dict())
             return "done"
+        except JobCancelled:
+            await asyncio.to_thread(self.jobs.update, job_id, status="cancelled", error="cancelled by the client")
+            return "cancelled"
         except Exception as exc:  # noqa: BLE001 - the job fails, the replica stays
             logger.exception("job %s failed", job_id)
             await asyncio.to_thread(self.jobs.update, job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -381,14 +394,26 @@ class Ingress:
                              "video_url": f"/v1/animations/{job_id}/video"}, status_code=202)
 
     async def _dispatch(self, job_id: str, request: AnimationRequest) -> str:
-        try:
-            return await self.animator.run_job.remote(job_id, request)
-        except BackPressureError:
-            await run_in_threadpool(self.jobs.update, job_id, status="failed", error="rejected: overloaded")
-            return "rejected"
-        except Exception as exc:  # noqa: BLE001 - replica died mid-job: the record says so
-            await run_in_threadpool(self.jobs.update, job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-            return "failed"
+        """Run the job on an Animator; when its replica dies mid-run, run it again (another or a restarted
+        replica, resuming from its stored chunks) up to ``max_attempts`` runs in all."""
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            try:
+                return await self.animator.run_job.remote(job_id, request, takeover=attempt > 1)
+            except BackPressureError:
+                if attempt == 1:
+                    await run_in_threadpool(self.jobs.update, job_id, status="failed", error="rejected: overloaded")
+                    return "rejected"
+                await asyncio.sleep(self.cfg.retry_after_s)  # the restarted replica is not taking work yet
+                error = "rejected: overloaded"
+            except Exception as exc:  # noqa: BLE001 - the replica died mid-job
+                error = f"{type(exc).__name__}: {exc}"
+                logger.warning("job %s: run %d lost its replica (%s)", job_id, attempt, error)
+            record = await run_in_threadpool(self.jobs.get, job_id)
+            if record is None or record["status"] in FINAL:
+                return "failed" if record is None else record["status"]
+        await run_in_threadpool(self.jobs.update, job_id, status="failed",
+                                error=f"lost its replica {self.cfg.max_attempts} times; last: {error}")
+        return "failed"
 
     # ------------------------------------------------------------------ jobs
     async def _record(self, job_id: str) -> dict[str, Any]:
@@ -399,11 +424,53 @@ class Ingress:
             raise InputError("id", f"no job {job_id}", status=404)
         return record
 
+    _PUBLIC = ("id", "status", "progress", "error", "nfe", "seconds", "face", "params", "attempts")
+
     @api.get("/v1/animations/{job_id}")
     async def status(self, job_id: str) -> JSONResponse:
         record = await self._record(job_id)
-        keys = ("id", "status", "progress", "error", "nfe", "seconds", "face", "params")
-        return JSONResponse({k: record.get(k) for k in keys})
+        return JSONResponse({k: record.get(k) for k in self._PUBLIC})
+
+    @api.delete("/v1/animations/{job_id}")
+    async def cancel(self, job_id: str) -> JSONResponse:
+        """Cancel a job: a queued one at once, a running one at its next sampler step; a finished one stays."""
+        await self._record(job_id)
+        record = await run_in_threadpool(self.jobs.cancel, job_id)
+        return JSONResponse({k: record.get(k) for k in self._PUBLIC}, status_code=202 if record["status"] not in FINAL
+                            else 200)
+
+    @api.get("/v1/animations/{job_id}/events")
+    async def events(self, job_id: str) -> StreamingResponse:
+        """Server-sent events: ``progress`` each time the record's progress or status changes, then one
+        ``done``/``failed``/``cancelled`` event with the record, and the stream ends."""
+        await self._record(job_id)
+
+        async def stream():
+            last = None
+            while True:
+                record = await run_in_threadpool(self.jobs.get, job_id)
+                public = {k: record.get(k) for k in self._PUBLIC}
+                state = (record["status"], json.dumps(record.get("progress"), sort_keys=True))
+                if record["status"] in FINAL:
+                    yield f"event: {record['status']}\ndata: {json.dumps(public)}\n\n"
+                    return
+                if state != last:
+                    yield f"event: progress\ndata: {json.dumps(public)}\n\n"
+                    last = state
+                await asyncio.sleep(self.cfg.events_poll_s)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @api.get("/v1/animations/{job_id}/chunks/{index}")
+    async def chunk(self, job_id: str, index: int) -> Response:
+        """The video (no sound) of finished chunk ``index`` of a long job, before the job ends: its new frames."""
+        record = await self._record(job_id)
+        stored = await run_in_threadpool(self.jobs.load_chunk, job_id, index)
+        if stored is None:
+            return _error(404, "index", f"chunk {index} of job {job_id} is not finished (progress: {record['progress']})")
+        mp4 = await run_in_threadpool(mux_mp4, stored.frames.numpy(), None, record["params"]["fps"])
+        return Response(mp4, media_type="video/mp4", headers={"X-Chunk": f"{index + 1}/{stored.total}",
+                                                             "X-First-Frame": str(stored.first)})
 
     @api.get("/v1/animations/{job_id}/video")
     async def video(self, job_id: str) -> Response:

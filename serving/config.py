@@ -21,19 +21,32 @@ from model.presets import BUILTIN_PREFIX, VAE_GEOMETRY, ModelConfig
 from model.sampling import SamplerSpec
 from model.vae import VAEConfig
 
-__all__ = ["LimitsConfig", "DeploymentKnobs", "ServeAppConfig", "ServedModel", "resolve_served"]
+__all__ = ["LimitsConfig", "LongFormServing", "DeploymentKnobs", "ServeAppConfig", "ServedModel", "resolve_served"]
 
 
 class LimitsConfig(StrictConfig):
     """Per-request limits; a request over any of them is answered 413/422 naming the field."""
 
     max_upload_bytes: int = Field(8 * 2**20, ge=1024, description="largest accepted upload (each file part)")
-    max_duration_s: float = Field(10.0, gt=0, description="longest clip, frames / fps")
-    max_frames: int = Field(160, ge=1, description="most frames per clip")
+    max_duration_s: float = Field(60.0, gt=0, description="longest clip, frames / fps; a clip longer than the "
+                                  "model's trained clip runs as chunks (`long_form`)")
+    max_frames: int = Field(1024, ge=1, description="most frames per clip (60 s at 16 fps: 960)")
     max_steps: int = Field(50, ge=1, description="most sampler steps per request")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="largest reference image (W*H), decompression-bomb guard")
     min_fps: float = Field(1.0, gt=0, description="lowest accepted fps")
     max_fps: float = Field(60.0, gt=0, description="highest accepted fps")
+
+
+class LongFormServing(StrictConfig):
+    """Requests longer than the clip the model was trained on (`model.generate.generate_long`)."""
+
+    chunk_frames: int | None = Field(None, ge=1, description="frames per chunk; None = the card's clip_frames "
+                                     "(the length the model was trained on). A request of at most this many "
+                                     "frames runs as one clip")
+    motion_frames: int | None = Field(None, ge=0, description="latent frames each chunk continues from; None = the "
+                                      "model's own motion_frames (0 for a model without the path: independent chunks)")
+    colour_correction: float = Field(0.0, ge=0, le=1, description="Lab mean/std match of each chunk toward the "
+                                     "reference (0 = off)")
 
 
 class DeploymentKnobs(StrictConfig):
@@ -100,6 +113,10 @@ class ServeAppConfig(StrictConfig):
     api_key_env: str | None = Field(None, description="name of the env var holding the X-API-Key value; None = no key")
     allowed_s3_buckets: list[str] = Field(default_factory=list, description="buckets s3:// inputs may come from")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    long_form: LongFormServing = Field(default_factory=LongFormServing)
+    events_poll_s: float = Field(0.25, gt=0, description="how often GET .../events reads the job record")
+    max_attempts: int = Field(3, ge=1, description="an async job whose replica dies is dispatched again, resuming "
+                              "from its last finished chunk, up to this many runs in all")
     animator: DeploymentKnobs = Field(default_factory=DeploymentKnobs)
     ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
     ingress_max_ongoing_requests: int = Field(64, ge=1, description="requests one ingress replica holds")

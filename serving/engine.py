@@ -47,6 +47,7 @@ from core.media import mux_mp4
 from core.storage import Storage
 from model.conditions import Conditions
 from model.face import ReferenceFace, reference_face
+from model.generate import ChunkDone, LongFormConfig, generate_long
 from model.pose import render_pose
 from model.presets import build_denoiser
 from model.samplers import SamplerProgress
@@ -59,7 +60,7 @@ __all__ = ["AnimationEngine", "Animation", "FaceReport"]
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
+ProgressFn = Callable[..., None]  # (done steps, total steps); `serving.jobs.JobProgress` also takes chunks=(done, total)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,19 @@ class AnimationEngine:
         if self.model.config.face_injection and cfg.face.size % (self.vae.spatial_factor * self.model.config.face_patch):
             raise ValueError(f"face.size {cfg.face.size} is not a multiple of the VAE's spatial factor "
                              f"{self.vae.spatial_factor} x the face patch {self.model.config.face_patch}")
+        self.long_form = self._long_form(cfg)
+
+    def _long_form(self, cfg: ServeAppConfig) -> LongFormConfig:
+        """How requests longer than one trained clip run: chunks of the card's clip length by default, each
+        continuing from the previous chunk's last latent frames when the model has the motion-frame path."""
+        own = int(self.model.config.motion_frames)
+        motion = own if cfg.long_form.motion_frames is None else cfg.long_form.motion_frames
+        if motion > own:
+            raise ValueError(f"long_form.motion_frames={motion} but the model takes at most {own} (model.motion_frames)")
+        chunk = cfg.long_form.chunk_frames or self.served.card.frames.clip_frames
+        if (chunk - 1) % self.vae.temporal_factor:
+            raise ValueError(f"long_form chunk of {chunk} frames is not 1 + k * {self.vae.temporal_factor}")
+        return LongFormConfig(chunk_frames=chunk, motion_frames=motion, colour_correction=cfg.long_form.colour_correction)
 
     @property
     def precision(self) -> str:
@@ -153,6 +167,19 @@ class AnimationEngine:
             return None
         return reference_face(request.ref_image, self.cfg.face, box=request.face_box)
 
+    def _audio_features(self, request: AnimationRequest, frames: int) -> torch.Tensor:
+        """(1, frames, W, M) audio windows of the request's first ``frames`` frames (silence without audio)."""
+        wave = request.audio if request.audio is not None else np.zeros(1, np.float32)
+        return torch.from_numpy(self.audio_encoder(wave, request.fps, frames))[None]
+
+    def _pose_maps(self, request: AnimationRequest, index: np.ndarray) -> torch.Tensor:
+        """(1, 3, len(index), H, W) pose maps in [-1, 1] of the given frames (zeros without keypoints)."""
+        if request.keypoints is None:
+            maps = np.zeros((len(index), self.height, self.width, 3), np.uint8)
+        else:
+            maps = render_pose(request.keypoints[np.minimum(index, len(request.keypoints) - 1)], self.height, self.width)
+        return uint8_to_signed(torch.from_numpy(maps).permute(3, 0, 1, 2)[None])
+
     def face_condition(self, face: ReferenceFace) -> tuple[torch.Tensor, bool]:
         """(latent (1, C, 1, hf, wf), keep): the crop's VAE latent, or zeros with keep False when no face was found."""
         if face.found:
@@ -160,21 +187,18 @@ class AnimationEngine:
         side = self.cfg.face.size // self.vae.spatial_factor
         return torch.zeros(1, self.vae.latent_channels, 1, side, side), False
 
-    def conditions(self, request: AnimationRequest, face: ReferenceFace | None = None) -> Conditions:
+    def conditions(self, request: AnimationRequest, face: ReferenceFace | None = None,
+                   frames: tuple[int, int] | None = None) -> Conditions:
         """Batch-1 `Conditions` for a request, every condition present (absent ones with keep False).
 
         `face`: the request's `reference_face` when the caller already has it (it is computed otherwise).
+        `frames`: (first, stop) to build the per-frame conditions of those frames only (default: all).
         """
-        frames = request.num_frames
+        first, stop = frames or (0, request.num_frames)
         ref = self.vae.encode(request.ref_image[None, None])  # (1, C, 1, h, w)
-        audio_keep = request.audio is not None
-        wave = request.audio if audio_keep else np.zeros(1, np.float32)
-        audio = torch.from_numpy(self.audio_encoder(wave, request.fps, frames))[None]
-        pose_keep = request.keypoints is not None
-        pose_maps = (render_pose(request.keypoints, self.height, self.width) if pose_keep
-                     else np.zeros((frames, self.height, self.width, 3), np.uint8))
-        pose = uint8_to_signed(torch.from_numpy(pose_maps).permute(3, 0, 1, 2)[None])
-        keep = {"audio": torch.tensor([audio_keep]), "pose": torch.tensor([pose_keep])}
+        audio = self._audio_features(request, stop)[:, first:stop]
+        pose = self._pose_maps(request, np.arange(first, stop))
+        keep = {"audio": torch.tensor([request.audio is not None]), "pose": torch.tensor([request.keypoints is not None])}
         face = self.reference_face(request) if face is None else face
         face_latent = None
         if face is not None:
@@ -188,14 +212,58 @@ class AnimationEngine:
         """The export's sampler (its card's spec at ``steps``) on x (B, C, t, h, w) from sigma 1."""
         return sample(self.model, x, cond, self.served.spec.with_steps(steps), self.adapter_switch, progress)
 
+    def is_long(self, request: AnimationRequest) -> bool:
+        """Longer than one trained clip: runs as chunks (`generate_long`)."""
+        return request.num_frames > self.long_form.chunk_frames
+
+    @torch.no_grad()
+    def generate_long(self, request: AnimationRequest, progress: ProgressFn | None = None) -> Animation:
+        """One long request as overlapping chunks (`model.generate.generate_long`), conditions built chunk by
+        chunk (pose maps of a 60 s request would not fit at once). A ``progress`` object with ``save_chunk`` /
+        ``saved_chunks`` (`serving.jobs.JobProgress`) stores each finished chunk and resumes from them."""
+        start = time.perf_counter()
+        face = self.reference_face(request)
+        whole = self.conditions(request, face, frames=(0, 1))  # reference, face and keep masks
+        audio = self._audio_features(request, request.num_frames)
+
+        def chunk_conditions(first: int, stop: int) -> Conditions:
+            index = torch.arange(first, stop).clamp(max=request.num_frames - 1)
+            pose = self._pose_maps(request, index.numpy())
+            return Conditions(ref_latent=whole.ref_latent, pose=pose, audio=audio[:, index], face=whole.face,
+                              keep=whole.keep).to(self.device, torch.float32)
+
+        saved = progress.saved_chunks() if hasattr(progress, "saved_chunks") else []
+        last = {"steps": (0, 0)}
+
+        def on_step(p: SamplerProgress) -> None:
+            last["steps"] = (p.step, p.total_steps)
+            progress(p.step, p.total_steps)
+
+        def on_chunk(chunk: ChunkDone) -> None:
+            if hasattr(progress, "save_chunk"):
+                progress.save_chunk(chunk)
+                progress(*last["steps"], chunks=(chunk.index + 1, chunk.total))
+
+        result = generate_long(self.model, self.vae, chunk_conditions, request.num_frames, self.long_form,
+                               self.height, self.width, self.served.spec.with_steps(request.steps), request.seed,
+                               reference=request.ref_image, adapter_switch=self.adapter_switch,
+                               callback=None if progress is None else on_step,
+                               on_chunk=None if progress is None else on_chunk, resume=saved, device=self.device)
+        return Animation(frames=result.frames.numpy(), nfe=result.nfe, seconds=time.perf_counter() - start,
+                         face=FaceReport.of(face, request.face_box is not None))
+
     @torch.no_grad()
     def generate_batch(self, requests: Sequence[AnimationRequest],
                        progress: Sequence[ProgressFn | None] | None = None) -> list[Animation]:
-        """Sample B requests sharing `shape_key` as one batch; per-request seeded noise (1, C, t, h, w) as `generate`."""
+        """Sample B requests sharing `shape_key` as one batch; per-request seeded noise (1, C, t, h, w) as `generate`.
+        Long requests (`is_long`) run one by one as chunks."""
         start = time.perf_counter()
         keys = {r.shape_key for r in requests}
         if len(keys) != 1:
             raise ValueError(f"generate_batch needs requests of one shape (frames, steps), got {sorted(keys)}")
+        if self.is_long(requests[0]):
+            fns = list(progress or [None] * len(requests))
+            return [self.generate_long(r, fn) for r, fn in zip(requests, fns)]
         frames, steps = keys.pop()
         shape = (1, self.vae.latent_channels, self.vae.num_latent_frames(frames),
                  self.height // self.vae.spatial_factor, self.width // self.vae.spatial_factor)

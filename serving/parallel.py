@@ -18,6 +18,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from serving.config import ServeAppConfig, ServedModel
@@ -125,6 +126,9 @@ class ParallelEngine:
     def generate_batch(self, requests: Sequence[AnimationRequest],
                        progress: Sequence[ProgressFn | None] | None = None) -> list[Animation]:
         # Progress comes from rank 0 only (every rank steps in lockstep); it must pickle (`serving.jobs.JobProgress`).
+        # Without `saved_chunks`: a resumed long job would skip chunks on rank 0 alone and the ranks' collectives
+        # would part ways, so under sequence parallelism a re-dispatched job samples every chunk again.
+        progress = None if progress is None else [None if p is None else _NoResume(p) for p in progress]
         return self._on_all("generate_batch", list(requests), rank0_only=(progress,))
 
     def render_mp4(self, request: AnimationRequest, animation: Animation) -> bytes:
@@ -134,3 +138,17 @@ class ParallelEngine:
         start = time.perf_counter()
         self._on_all("warmup")
         return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class _NoResume:
+    """A job's progress (steps, chunks saved) without its stored chunks to resume from."""
+
+    progress: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.progress(*args, **kwargs)
+
+    def save_chunk(self, chunk: Any) -> None:
+        if hasattr(self.progress, "save_chunk"):
+            self.progress.save_chunk(chunk)

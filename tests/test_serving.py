@@ -121,6 +121,7 @@ def serve_urls(s3_server, tiny_vae, tmp_path_factory):
         from ray.serve.api import RunTarget
 
         local_args = _args(tiny_vae, str(local_out))
+        local_args["model"]["motion_frames"] = 2  # long requests continue chunk from chunk (trained clips: 8 frames)
         local_args["animator"]["batch_wait_timeout_s"] = 5.0  # only ever waited for while others are in flight
         local_args.update(precision="bf16", vae={"dtype": "bfloat16"})  # bf16 on CPU: the GPU default's code path
         serve.run_many([RunTarget(build_app(s3_args), name="s3", route_prefix="/s3"),  # both start in parallel
@@ -408,3 +409,80 @@ def test_burst_beyond_capacity_gets_503_and_accepted_requests_complete(serve_url
             assert r.headers["Retry-After"] == "3" and r.json()["error"]["message"]
         else:
             assert _probe_mp4(r.content, tmp_path)[1].shape == (8, 64, 64, 3)
+
+
+# --------------------------------------------------------------------------- long requests, durable jobs
+def _long_job(url: str, seed: int, steps: int = 2, frames: int = 20) -> str:
+    files = {"image": ("ref.png", _png(), "image/png"), "audio": ("a.wav", _wav(frames / FPS), "audio/wav")}
+    response = _post(url, files, {"frames": frames, "fps": FPS, "steps": steps, "seed": seed, "mode": "async"}, key=None)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def _events(url: str, job_id: str) -> list[tuple[str, dict]]:
+    """The job's server-sent events until the stream ends: (event, data) pairs."""
+    events, name = [], None
+    with requests.get(f"{url}/v1/animations/{job_id}/events", stream=True, timeout=180) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+def test_long_request_runs_as_chunks_with_live_events_and_early_chunks(serve_urls, tmp_path):
+    """20 frames from a model trained on 8-frame clips: 3 chunks (starts 0, 6, 12; each continues from the
+    last 2 latent frames of the one before), as many frames as the audio lasts, progress as events."""
+    url = serve_urls["local"]
+    job_id = _long_job(url, seed=4)
+    events = _events(url, job_id)
+    assert events[-1][0] == "done" and all(name == "progress" for name, _ in events[:-1]), [e[0] for e in events]
+    steps = [data["progress"]["done"] for _, data in events]
+    assert steps == sorted(steps) and events[-1][1]["progress"] == {"done": 6, "total": 6, "chunks": {"done": 3, "total": 3}}
+    first = requests.get(f"{url}/v1/animations/{job_id}/chunks/0", timeout=30)
+    assert first.status_code == 200 and first.headers["X-Chunk"] == "1/3"
+    assert _probe_mp4(first.content, tmp_path)[1].shape == (8, 64, 64, 3)
+    assert requests.get(f"{url}/v1/animations/{job_id}/chunks/3", timeout=30).status_code == 404
+    info, frames, audio = _probe_mp4(requests.get(f"{url}/v1/animations/{job_id}/video", timeout=30).content, tmp_path)
+    assert frames.shape == (20, 64, 64, 3) and abs(audio.size / 16000 - 20 / FPS) < 0.07
+    np.testing.assert_array_equal(frames[:8], _probe_mp4(first.content, tmp_path)[1])  # the early chunk is the video's
+
+
+def test_cancel_stops_a_running_job(serve_urls):
+    url = serve_urls["local"]
+    job_id = _long_job(url, seed=5, steps=8, frames=32)
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/v1/animations/{job_id}", timeout=10).json()["progress"]["done"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    answer = requests.delete(f"{url}/v1/animations/{job_id}", timeout=10)
+    assert answer.status_code == 202, answer.text
+    name, final = _events(url, job_id)[-1]
+    assert name == "cancelled" and final["status"] == "cancelled" and final["progress"]["done"] < final["progress"]["total"]
+    assert requests.get(f"{url}/v1/animations/{job_id}/video", timeout=10).status_code == 409
+    assert requests.delete(f"{url}/v1/animations/{'0' * 32}", timeout=10).status_code == 404
+
+
+def test_a_job_survives_killing_its_replica_and_ends_on_the_same_video(serve_urls, tmp_path):
+    """Kill the Animator replica after the first chunk: the ingress runs the job again on the restarted
+    replica, which resumes after the stored chunks; the video equals an uninterrupted run's (same seed)."""
+    import ray
+
+    url = serve_urls["local"]
+    job_id = _long_job(url, seed=6, steps=4, frames=32)
+    deadline = time.monotonic() + 120
+    while requests.get(f"{url}/v1/animations/{job_id}", timeout=10).json()["progress"].get("chunks", {}).get("done", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    [replica] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "local" in a["name"] and "Animator" in a["name"] and a["name"].startswith("SERVE_REPLICA")]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    name, final = _events(url, job_id)[-1]
+    assert name == "done" and final["attempts"] == 2, final
+    resumed = _probe_mp4(requests.get(f"{url}/v1/animations/{job_id}/video", timeout=30).content, tmp_path)[1]
+    again = _long_job(url, seed=6, steps=4, frames=32)
+    assert _events(url, again)[-1][0] == "done"
+    whole = _probe_mp4(requests.get(f"{url}/v1/animations/{again}/video", timeout=30).content, tmp_path)[1]
+    np.testing.assert_array_equal(resumed, whole)

@@ -18,6 +18,7 @@ from core.config import StrictConfig
 from model.conditions import CONDITION_NAMES, Conditions
 from model.flow import add_noise, sample_training_sigmas
 from model.losses import flow_matching_loss
+from model.motion_frames import draw_prefix
 from model.pose import POSE_RENDER_COLUMNS
 
 __all__ = ["TRAIN_COLUMNS", "TeacherObjective", "teacher_loss"]
@@ -46,6 +47,11 @@ class TeacherObjective(StrictConfig):
                                             "samples with the same set)")
     cfg_drop_prob: float = Field(0.1, ge=0, le=1, description="probability a sample drops all of cfg_drop at once: "
                                  "trains the unconditional branch that CFG uses")
+    motion_prefix_prob: float = Field(0.0, ge=0, le=1, description="share of samples trained as continuations: "
+                                      "their first model.motion_frames latent frames given clean as the prefix, no "
+                                      "loss on them (model.motion_frames); needs model.motion_frames > 0")
+    motion_prefix_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the given prefix latents "
+                                       "(against error accumulation over chunks)")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_warmup: bool = Field(True, description="decay min(ema_decay, (1+t)/(10+t)) at step t (diffusers' EMAModel)")
 
@@ -68,6 +74,10 @@ def teacher_loss(model: Any, batch: dict[str, torch.Tensor], obj: TeacherObjecti
     sigma = sample_training_sigmas(x0.shape[0], generator, mode=obj.timestep_sampling, shift=obj.shift,
                                    mean=obj.logit_mean, std=obj.logit_std).to(device, dtype)
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+    frames = getattr(model, "module", model).config.motion_frames if obj.motion_prefix_prob else 0
+    if obj.motion_prefix_prob and not frames:
+        raise ValueError("objective.motion_prefix_prob > 0 needs a model built with model.motion_frames > 0")
+    cond, weight = draw_prefix(cond, x0, frames, obj.motion_prefix_prob, obj.motion_prefix_noise, generator)
     v_pred = model(add_noise(x0, noise, sigma), sigma, cond)
-    loss = flow_matching_loss(v_pred.float(), x0.float(), noise.float()).mean()
+    loss = flow_matching_loss(v_pred.float(), x0.float(), noise.float(), weight).mean()
     return loss, {"sigma_mean": float(sigma.float().mean())}
