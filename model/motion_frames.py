@@ -115,6 +115,8 @@ def match_colour(frames: np.ndarray, reference: np.ndarray, strength: float = 1.
     the whole chunk, so motion inside the chunk is untouched."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    if strength == 0:
+        return frames  # no Lab round trip (it is not lossless in uint8)
     lab = cv2.cvtColor(frames.reshape(-1, frames.shape[2], 3), cv2.COLOR_RGB2LAB).astype(np.float32)
     ref = cv2.cvtColor(np.ascontiguousarray(reference), cv2.COLOR_RGB2LAB).astype(np.float32).reshape(-1, 3)
     mean, std = lab.reshape(-1, 3).mean(0), lab.reshape(-1, 3).std(0) + 1e-3

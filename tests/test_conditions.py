@@ -100,4 +100,4 @@ def test_cat_repeat_to_and_validation():
         Conditions(ref_latent=torch.zeros(2, 16, 1, 4, 4), keep={"ref": torch.ones(2)})
     with pytest.raises(ValueError, match="different present"):
         Conditions.cat([cond, Conditions(ref_latent=cond.ref_latent)])
-    assert set(CONDITION_NAMES) == {"ref", "pose", "audio", "face"}
+    assert set(CONDITION_NAMES) == {"ref", "pose", "audio", "face", "motion"}

@@ -70,7 +70,7 @@ def test_the_prefix_is_pinned_exactly_in_every_sampler(teachers):
         assert not torch.allclose(v[:, :, K:], model(x, torch.tensor([0.4]), cond)[:, :, K:])  # the rest sees it
         sigmas = torch.linspace(1, 0, 5)
         euler = sample_euler_cfg(model, x, sigmas, given, given.drop({"pose", "audio", "face"}), 2.0).x
-        lcm = sample_consistency(model, x, given, torch.tensor([1.0, 0.5, 0.0])).x
+        lcm = sample_consistency(model, x, given, torch.tensor([0.0, 0.5, 1.0])).x
     torch.testing.assert_close(euler[:, :, :K], motion, rtol=0, atol=1e-5)
     torch.testing.assert_close(lcm[:, :, :K], motion, rtol=0, atol=1e-5)
 
