@@ -12,7 +12,7 @@ the same conditions, chunking and sampler a served request gets) three ways, sam
 * ``continuation_colour``: the same plus Lab mean/std correction of each chunk toward the reference.
 
 The model: the checked-in tiny teacher fine-tuned to continue (``model.motion_frames=2``,
-``objective.motion_prefix_prob``) by `ray_jobs.pretrain_teacher` for ``--fit-seconds`` on its own
+``objective.motion_prefix_prob``) by `ray_jobs.pretrain_teacher` for ``--fit-seconds`` (900) on its own
 pretraining world (``--teacher`` skips the fit and uses a given export). Figures per variant: PSNR /
 SSIM against the ground truth per chunk (the new frames each chunk adds) and their slope per chunk;
 the seam jump (mean absolute frame difference at the first new frame of each chunk over the mean
@@ -20,7 +20,7 @@ inside chunks; the ground truth's own ratio beside it); colour drift (Lab distan
 colour to the reference's). Goals: the continuation's last-chunk PSNR within 0.5 dB of its first
 chunk's, and its seam jump <= 1.2x.
 
-    python benchmarks/longform.py [--seconds 10 --clips 4 --steps 20 --fit-seconds 600 --teacher DIR]
+    python benchmarks/longform.py [--seconds 10 --clips 4 --steps 20 --fit-seconds 900 --teacher DIR]
 """
 
 from __future__ import annotations
@@ -125,10 +125,14 @@ def _run_variants(teacher: Path, seconds: float, clips: int, steps: int) -> dict
             request = type(request)(**{**request.__dict__, "steps": steps})
             frames = engine.generate_long(request).frames
             assert frames.shape == truth.shape, (frames.shape, truth.shape)
-            rows.append(_scores(frames, truth, truth[0], _chunk_spans(engine, len(truth), motion)))
+            spans = _chunk_spans(engine, len(truth), motion)
+            rows.append(_scores(frames, truth, truth[0], spans))
+            videos.setdefault("truth", truth)
             videos.setdefault(name, frames)
         results[name] = _summary(rows, time.perf_counter() - start)
-    return {"variants": results, "first_videos": videos, "chunk_frames": engine.long_form.chunk_frames}
+        results[name]["chunk_spans"] = spans
+    return {"variants": results, "first_videos": videos, "chunk_frames": engine.long_form.chunk_frames,
+            "fps": _requests(seconds, 1)[0][0].fps}
 
 
 def _summary(rows: list[dict], seconds: float) -> dict:
@@ -143,19 +147,31 @@ def _summary(rows: list[dict], seconds: float) -> dict:
             "colour_drift_last_chunk": mean["colour"][-1], "seconds": round(seconds, 1)}
 
 
-def _plot(variants: dict, path: Path) -> None:
+def _plot(variants: dict, videos: dict, fps: float, path: Path) -> None:
+    """PSNR and colour distance per chunk against time (chunk middle), and the first clip's frame-to-frame
+    difference over its first 3 s with the continuation's seams marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
     for name, result in variants.items():
-        axes[0].plot(result["per_chunk"]["psnr"], label=name)
-        axes[1].plot(result["per_chunk"]["colour"], label=name)
-    axes[0].set(xlabel="chunk", ylabel="PSNR vs truth (dB)", title="quality over time")
-    axes[1].set(xlabel="chunk", ylabel="Lab distance to reference", title="colour drift")
+        middle = [(a + b) / 2 / fps for a, b in result["chunk_spans"]]
+        axes[0].plot(middle, result["per_chunk"]["psnr"], label=name)
+        axes[1].plot(middle, result["per_chunk"]["colour"], label=name)
+    shown = int(3 * fps)
+    for name, frames in videos.items():
+        diffs = np.abs(np.diff(frames[:shown].astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+        axes[2].plot(np.arange(1, shown), diffs, label=name, color="k" if name == "truth" else None)
+    for first, _ in variants["continuation"]["chunk_spans"][1:]:
+        if first < shown:
+            axes[2].axvline(first, color="grey", lw=0.5, ls=":")
+    axes[0].set(xlabel="time (s)", ylabel="PSNR vs truth (dB)", title="quality over time (per chunk)")
+    axes[1].set(xlabel="time (s)", ylabel="Lab distance to reference", title="colour drift (per chunk)")
+    axes[2].set(xlabel="frame", ylabel="mean |f_t - f_t-1|", title="frame difference, clip 1 (seams dotted)")
     axes[0].legend()
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -165,12 +181,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--fit-seconds", type=int, default=600)
+    parser.add_argument("--fit-seconds", type=int, default=900)
     parser.add_argument("--teacher", type=Path, default=None, help="an export with motion_frames (skips the fit)")
     args = parser.parse_args(argv)
     fit_start = time.perf_counter()
     teacher = args.teacher or fit_teacher(REPO / "outputs" / "longform" / "teacher", args.fit_seconds)
-    fit_seconds = time.perf_counter() - fit_start
+    fit_seconds = None if args.teacher else round(time.perf_counter() - fit_start, 1)
     run = _run_variants(teacher, args.seconds, args.clips, args.steps)
     variants, cont = run["variants"], run["variants"]["continuation"]
     result = {
@@ -182,19 +198,29 @@ def main(argv=None) -> dict:
         ],
         "variants": variants,
         "setup": {"seconds": args.seconds, "clips": args.clips, "steps": args.steps, "teacher": str(teacher),
-                  "chunk_frames": run["chunk_frames"], "fit_seconds": round(fit_seconds, 1),
+                  "chunk_frames": run["chunk_frames"], "fit_seconds": fit_seconds,
+                  "teacher_fit": _fit_summary(teacher),
                   "world": "demo world (seed 0), held-out identities", "sampler": "the teacher card's, at --steps"},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "longform.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(variants, RESULTS / "longform.png")
+    _plot(variants, run["first_videos"], run["fps"], RESULTS / "longform.png")
     _save_strip(run["first_videos"], RESULTS / "longform_frames.png")
     print(json.dumps(result["goals"], indent=2))
     return result
 
 
+def _fit_summary(teacher: Path) -> dict | None:
+    """Steps, seconds and held-out figures of the teacher's fit (its FIT_REPORT.json), when it has one."""
+    report = teacher / "FIT_REPORT.json"
+    if not report.exists():
+        return None
+    data = json.loads(report.read_text())
+    return {key: data.get(key) for key in ("steps", "train_seconds", "demo_heldout")}
+
+
 def _save_strip(videos: dict, path: Path) -> None:
-    """One row per variant: every 16th frame of the first clip (for looking at, beside the figures)."""
+    """Rows truth, then one per variant: every 16th frame of the first clip (for looking at)."""
     from PIL import Image
 
     rows = [np.concatenate(list(frames[::16]), axis=1) for frames in videos.values()]

@@ -51,6 +51,7 @@ from model.conditions import CONDITION_NAMES, Conditions
 from model.sampling import SamplerSpec
 from core.config import StrictConfig
 from model.flow import add_noise, cfg_velocity, euler_step
+from model.motion_frames import draw_prefix
 from model.losses import consistency_distillation_loss, fine_solver_grid, motion_weight_map, pseudo_huber, sample_consistency_pair
 from model.presets import ModelConfig
 from model.samplers import SegmentPlan, segment_edges
@@ -87,6 +88,10 @@ class DistillObjective(StrictConfig):
     motion_weight: float = Field(2.0, ge=1.0, description="weight on motion pixels (1 elsewhere)")
     face: bool = Field(True, description="face-latent cross-attention in the student (model.face_injection)")
     export_ema_decay: float | None = Field(None, ge=0, lt=1, description="loop EMA for the export; None = live student")
+    motion_prefix_prob: float = Field(0.0, ge=0, le=1, description="share of clips distilled as continuations: their "
+                                      "first model.motion_frames latent frames given clean to teacher, target and "
+                                      "student (pinned there, so no loss on them); needs a teacher with motion_frames")
+    motion_prefix_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the given prefix latents")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillObjective":
@@ -219,8 +224,12 @@ def _adapter_at(plan: list[SegmentPlan], sigma: float) -> str | None:
 
 def distill_losses(student: Any, target: Any, teacher: Any, x0: torch.Tensor, cond: Conditions,
                    uncond: Conditions | None, edges: torch.Tensor, grid: torch.Tensor, obj: DistillObjective,
-                   generator: torch.Generator, motion_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss L_CD + λ L_aux (scalar) and its terms; x0 (B, C, T, h, w) real latents, mask (B, T, h, w)."""
+                   generator: torch.Generator, motion_mask: torch.Tensor | None = None,
+                   prefix_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss L_CD + λ L_aux (scalar) and its terms; x0 (B, C, T, h, w) real latents, mask (B, T, h, w).
+
+    With a motion prefix in ``cond`` the student, target and teacher all pin those frames to it, so L_CD is
+    zero there by construction; ``prefix_weight`` (B, 1, T, 1, 1), 0 on the prefix, keeps L_aux off them too."""
     batch, device = x0.shape[0], x0.device
     pair = sample_consistency_pair(edges, grid, batch, generator)
     sigma_m, sigma_n, edge = (t.to(device, x0.dtype) for t in (pair.sigma_m, pair.sigma_n, pair.sigma_edge))
@@ -242,6 +251,8 @@ def distill_losses(student: Any, target: Any, teacher: Any, x0: torch.Tensor, co
     total = loss_cd
     if obj.aux:
         weight = None if mask is None else motion_weight_map(mask, obj.motion_weight, x0)
+        if prefix_weight is not None:
+            weight = prefix_weight if weight is None else weight * prefix_weight
         loss_aux = pseudo_huber(x0_aux.float(), x0.float(), obj.huber_c, weight).mean()
         total = total + obj.aux_weight * loss_aux
         terms["loss_aux"] = float(loss_aux.detach())
@@ -321,6 +332,7 @@ class DistillTask:
         self.tpo_plan: list[SegmentPlan] | None = None  # shared base with TPO experts: their σ plan
         self.engine: Any = None
         self._synced_step = 0
+        self.motion_frames = 0  # prefix length drawn in training (set from the built model)
 
     @property
     def shared_base(self) -> bool:
@@ -368,6 +380,9 @@ class DistillTask:
     def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype, self.engine = device, dtype, engine
         self._synced_step = int(getattr(engine, "global_steps", 0))
+        self.motion_frames = engine.module.config.motion_frames if self.cfg.objective.motion_prefix_prob else 0
+        if self.cfg.objective.motion_prefix_prob and not self.motion_frames:
+            raise ValueError("objective.motion_prefix_prob > 0 needs a teacher built with model.motion_frames > 0")
         if self.shared_base:
             model = engine.module
             self.teacher_fn = (routed_teacher(model, self.tpo_plan) if self.tpo_plan is not None
@@ -432,12 +447,14 @@ class DistillTask:
         obj = self.cfg.objective
         x0 = batch["latents"].to(self.device, self.dtype)
         cond = Conditions.from_batch(batch, self.device, self.dtype)
+        cond, prefix_weight = draw_prefix(cond, x0, self.motion_frames, obj.motion_prefix_prob, obj.motion_prefix_noise,
+                                          generator)
         uncond = cond.drop(self.uncond_drop) if obj.teacher_cfg else None
         mask = batch["motion_mask"].to(self.device) if "motion_mask" in batch else None
         if obj.motion_loss and mask is None:
             raise KeyError("objective.motion_loss needs the shard's motion_mask column")
         return distill_losses(self.student_fn, self.target_fn, self.teacher_fn, x0, cond, uncond, self.edges,
-                              self.grid, obj, generator, mask)
+                              self.grid, obj, generator, mask, prefix_weight)
 
     def export(self, model: torch.nn.Module, weights: dict[str, torch.Tensor], out_dir: Path) -> None:
         export_student(model, weights, out_dir, self.card)

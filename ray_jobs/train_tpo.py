@@ -34,11 +34,12 @@ from model.sampling import SamplerSpec
 from core.config import StrictConfig
 from model.flow import add_noise
 from model.losses import diffusion_dpo_loss, flow_matching_loss
+from model.motion_frames import draw_prefix
 from ray_jobs.common import init_ray, parse_job_config, setup_logging
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
-__all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", "segment_sigmas", "add_tpo_adapters",
+__all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", "segment_sigmas", "add_tpo_adapters", "draw_pair_prefix",
            "adapter_params", "tpo_card", "run", "main"]
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class TPOObjective(StrictConfig):
     lora_targets: Literal["attn", "attn+ffn"] = "attn"
     schedule: Literal["mix"] = Field("mix", description="each micro-step trains both adapters on their own pairs")
     fused_export: bool = Field(False, description="also export the teacher with each adapter merged (diffusers folders)")
+    motion_prefix_prob: float = Field(0.0, ge=0, le=1, description="share of pairs trained as continuations: the "
+                                      "winner's first model.motion_frames latent frames given to both as the prefix "
+                                      "(no loss on them); needs a teacher with motion_frames > 0")
+    motion_prefix_noise: float = Field(0.0, ge=0, description="std of Gaussian noise on the given prefix latents")
 
     @model_validator(mode="after")
     def _check(self) -> "TPOObjective":
@@ -108,12 +113,27 @@ def adapter_params(model: torch.nn.Module, adapter: str) -> list[torch.nn.Parame
 
 
 def dpo_errors(model: torch.nn.Module, x0_w: torch.Tensor, x0_l: torch.Tensor, sigma: torch.Tensor,
-               noise: torch.Tensor, cond: Conditions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample flow-matching errors (B,) of winner and loser under one shared σ (B,) and ε (B, C, T, h, w)."""
+               noise: torch.Tensor, cond: Conditions, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample flow-matching errors (B,) of winner and loser under one shared σ (B,) and ε (B, C, T, h, w);
+    ``weight`` (B, 1, T, 1, 1) or None, the same for both (0 on a given motion prefix)."""
     x = torch.cat([add_noise(x0_w, noise, sigma), add_noise(x0_l, noise, sigma)])
     v = model(x, torch.cat([sigma, sigma]), Conditions.cat([cond, cond]))
-    errors = flow_matching_loss(v.float(), torch.cat([x0_w, x0_l]).float(), torch.cat([noise, noise]).float())
+    weights = None if weight is None else torch.cat([weight, weight])
+    errors = flow_matching_loss(v.float(), torch.cat([x0_w, x0_l]).float(), torch.cat([noise, noise]).float(), weights)
     return errors.chunk(2)
+
+
+def draw_pair_prefix(model: torch.nn.Module, cond: Conditions, x0_w: torch.Tensor, tpo: TPOObjective,
+                     generator: torch.Generator) -> tuple[Conditions, torch.Tensor | None]:
+    """Continuation pairs: with probability ``tpo.motion_prefix_prob`` both clips of a pair get the winner's first
+    motion_frames latent frames as the prefix ("given the same past, which continuation is better"); the
+    prefix frames are pinned in policy and reference alike, so they carry no preference signal (weight 0)."""
+    if not tpo.motion_prefix_prob:
+        return cond, None
+    frames = getattr(model, "module", model).config.motion_frames
+    if not frames:
+        raise ValueError("tpo.motion_prefix_prob > 0 needs a teacher built with model.motion_frames > 0")
+    return draw_prefix(cond, x0_w, frames, tpo.motion_prefix_prob, tpo.motion_prefix_noise, generator)
 
 
 class TPOTask:
@@ -165,11 +185,12 @@ class TPOTask:
         sigma = segment_sigmas(x0_w.shape[0], adapter, self.cfg.tpo.sigma_boundary, generator).to(self.device, self.dtype)
         noise = torch.randn(x0_w.shape, generator=generator).to(self.device, self.dtype)
         module = getattr(model, "module", model)
+        cond, weight = draw_pair_prefix(module, cond, x0_w, self.cfg.tpo, generator)
         with torch.no_grad():
             use_adapter(module, None)
-            ref_w, ref_l = dpo_errors(model, x0_w, x0_l, sigma, noise, cond)
+            ref_w, ref_l = dpo_errors(model, x0_w, x0_l, sigma, noise, cond, weight)
         use_adapter(module, adapter)
-        err_w, err_l = dpo_errors(model, x0_w, x0_l, sigma, noise, cond)
+        err_w, err_l = dpo_errors(model, x0_w, x0_l, sigma, noise, cond, weight)
         out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.cfg.tpo.beta)
         return out.loss.mean(), {
             f"dpo_loss_{adapter}": float(out.loss.detach().mean()),

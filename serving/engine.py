@@ -25,8 +25,8 @@ What is served is an export folder (``export``): `artifacts.exports.load_export`
 from it and its model card, whose `SamplerSpec` (kind, steps or edges, shift, guidance, the
 conditions CFG drops, a TPO plan with its adapter switch) `model.sampling.sample` runs; the VAE and
 the audio feature geometry come from the card too, so nothing the training decided is restated
-here. No export builds ``model``'s preset with random init: the app runs end to end, but the video
-is noise-like.
+here. No export builds ``model``'s preset with random init (seeded, so every replica, and one restarted
+after a crash, serves the same weights): the app runs end to end, but the video is noise-like.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class AnimationEngine:
             loaded = load_export(cfg.export, self.storage, self.device)
             self.model, self.adapter_switch = loaded.model, loaded.adapter_switch
         else:
-            self.model = build_denoiser(cfg.model).to(self.device).eval()
+            self.model = _seeded_random_init(cfg.model).to(self.device).eval()
         cast_model(self.model, precision_dtype(cfg.precision, self.device)).requires_grad_(False)
         self.audio = self.served.card.model.audio
         # on the CPU like preprocessing, so served features are bit-identical to the shards' (a GPU's TF32
@@ -195,17 +195,23 @@ class AnimationEngine:
         `frames`: (first, stop) to build the per-frame conditions of those frames only (default: all).
         """
         first, stop = frames or (0, request.num_frames)
-        ref = self.vae.encode(request.ref_image[None, None])  # (1, C, 1, h, w)
+        ref, face_latent, keep = self._static_conditions(request, face)
         audio = self._audio_features(request, stop)[:, first:stop]
         pose = self._pose_maps(request, np.arange(first, stop))
+        cond = Conditions(ref_latent=ref, pose=pose, audio=audio, face=face_latent, keep=keep)
+        return cond.to(self.device, torch.float32)
+
+    def _static_conditions(self, request: AnimationRequest, face: ReferenceFace | None
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The conditions every frame shares: reference latent (1, C, 1, h, w), face latent or None, keep masks."""
+        ref = self.vae.encode(request.ref_image[None, None])
         keep = {"audio": torch.tensor([request.audio is not None]), "pose": torch.tensor([request.keypoints is not None])}
         face = self.reference_face(request) if face is None else face
         face_latent = None
         if face is not None:
             face_latent, face_keep = self.face_condition(face)
             keep["face"] = torch.tensor([face_keep])
-        cond = Conditions(ref_latent=ref, pose=pose, audio=audio, face=face_latent, keep=keep)
-        return cond.to(self.device, torch.float32)
+        return ref, face_latent, keep
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, x: torch.Tensor, cond: Conditions, steps: int, progress: Callable[[SamplerProgress], None]):
@@ -223,14 +229,14 @@ class AnimationEngine:
         ``saved_chunks`` (`serving.jobs.JobProgress`) stores each finished chunk and resumes from them."""
         start = time.perf_counter()
         face = self.reference_face(request)
-        whole = self.conditions(request, face, frames=(0, 1))  # reference, face and keep masks
+        ref, face_latent, keep = self._static_conditions(request, face)
         audio = self._audio_features(request, request.num_frames)
 
         def chunk_conditions(first: int, stop: int) -> Conditions:
             index = torch.arange(first, stop).clamp(max=request.num_frames - 1)
             pose = self._pose_maps(request, index.numpy())
-            return Conditions(ref_latent=whole.ref_latent, pose=pose, audio=audio[:, index], face=whole.face,
-                              keep=whole.keep).to(self.device, torch.float32)
+            return Conditions(ref_latent=ref, pose=pose, audio=audio[:, index], face=face_latent,
+                              keep=keep).to(self.device, torch.float32)
 
         saved = progress.saved_chunks() if hasattr(progress, "saved_chunks") else []
         last = {"steps": (0, 0)}
@@ -298,3 +304,13 @@ class AnimationEngine:
         steps = self.served.default_steps
         self.generate_batch([AnimationRequest(grey, None, None, frames, self.cfg.default_fps, steps, 0)])
         return time.perf_counter() - start
+
+
+def _seeded_random_init(model_cfg: Any) -> torch.nn.Module:
+    """``model_cfg``'s denoiser with weights drawn from a fixed seed (0) without touching the global RNG:
+    the same request seed then gives the same video on any replica (weights named by the config are loaded
+    over the draw as usual)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_denoiser(model_cfg)
+

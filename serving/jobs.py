@@ -10,6 +10,8 @@ Layout under ``output`` (local folder or ``s3://bucket/prefix``, through `core.s
 * ``{output}/jobs/{id}/chunk-NNNN.pt``: each finished chunk of a long job (its new frames and latents,
   `model.generate.ChunkDone`): a re-dispatched run resumes after the last one, and a client can fetch
   a chunk's video before the job ends.
+* ``{output}/jobs/{id}/cancel``: written once a client cancels; a record write by the running replica
+  (a read-modify-write) could drop ``cancel_requested`` written in between, this marker it never touches.
 * ``{output}/videos/{id}.mp4``: the finished video (written before the record says done).
 
 Any replica (or a new one after a restart) answers status and video requests from the store alone.
@@ -81,7 +83,7 @@ class JobStore:
 
         A progress write to a job whose client asked to cancel raises `JobCancelled` (the run stops there)."""
         record = self.storage.read_json(self.record_uri(job_id))
-        if "progress" in fields and record.get("cancel_requested"):
+        if "progress" in fields and (record.get("cancel_requested") or self.cancel_marked(job_id)):
             raise JobCancelled(job_id)
         if "chunks" in record.get("progress", {}) and "chunks" not in fields.get("progress", {"chunks": None}):
             fields = {**fields, "progress": {**fields["progress"], "chunks": record["progress"]["chunks"]}}
@@ -95,7 +97,7 @@ class JobStore:
         (the ingress knows that run's replica died); a final job is `JobBusy` too."""
         record = self.storage.read_json(self.record_uri(job_id))
         live = record["status"] == "running" and time.time() - float(record["updated_at"]) <= self.stale_s
-        if record["status"] in FINAL or record.get("cancel_requested"):
+        if record["status"] in FINAL or record.get("cancel_requested") or self.cancel_marked(job_id):
             raise JobBusy(f"job {job_id} is {record['status']}")
         if live and record.get("owner") not in (None, owner) and not takeover:
             raise JobBusy(f"job {job_id} is running on {record['owner']}")
@@ -106,8 +108,15 @@ class JobStore:
         record = self.storage.read_json(self.record_uri(job_id))
         if record["status"] in FINAL:
             return record
+        self.storage.write_bytes(self.cancel_uri(job_id), b"")
         status = "cancelled" if record["status"] == "queued" else record["status"]
         return self.update(job_id, cancel_requested=True, status=status)
+
+    def cancel_uri(self, job_id: str) -> str:
+        return self.storage.join(self.output, "jobs", job_id, "cancel")
+
+    def cancel_marked(self, job_id: str) -> bool:
+        return self.storage.exists(self.cancel_uri(job_id))
 
     def save_chunk(self, job_id: str, chunk: Any) -> None:
         """Store one finished chunk (`model.generate.ChunkDone`) beside the record."""

@@ -38,6 +38,18 @@ class S3Server:
                             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    the 2 CPUs are shared with Ray and the other tests, and small tensors run faster on one thread."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on 127.0.0.1:<free port>, with the AWS environment pointed at it."""

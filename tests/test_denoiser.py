@@ -14,13 +14,7 @@ from model.denoiser import AnimationDenoiser, load_transformer_weights, lora_con
 from model.presets import PRESETS, ModelConfig, build_denoiser, count_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared: one intra-op thread is both faster and fairer here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(batch: int = 1, seed: int = 0, face: bool = True):

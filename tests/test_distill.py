@@ -23,12 +23,7 @@ from ray_jobs.distill_lcm import DistillConfig, DistillObjective, DistillTask, d
 TINY = "ray_jobs/configs/tiny/distill_lcm.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ BIG = {"num_attention_heads": 8, "attention_head_dim": 64, "ffn_dim": 2048, "num
 DS_ZERO3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _woken_tiny(**switches) -> AnimationDenoiser:

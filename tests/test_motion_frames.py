@@ -20,12 +20,7 @@ from conftest import wake_zero_inits
 K = 2  # motion latent frames
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cond(frames: int = 8, seed: int = 0) -> Conditions:
@@ -96,6 +91,60 @@ def test_training_draw_puts_no_loss_and_no_gradient_on_the_prefix():
     flow_matching_loss(v, x0, noise, weight).sum().backward()
     assert model.motion_embedding.grad.abs().sum() > 0  # the marker learns through the other frames
     unchanged, no_weight = draw_prefix(cond, x0, K, prob=0.0)
+    assert unchanged is cond and no_weight is None
+
+
+def test_distillation_draw_puts_no_consistency_or_aux_loss_on_the_prefix():
+    """Student, target and teacher all pin the prefix, so L_CD there is zero by construction and L_aux is
+    weighted off it: weighting only the prefix 50x (the motion-mask path) changes neither term, weighting
+    other frames does."""
+    from ray_jobs.distill_lcm import DistillObjective, distill_losses
+
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(motion_frames=K, aux_head=True))
+    wake_zero_inits(model)
+    x0 = torch.randn(2, 16, 8, 16, 16)
+    cond, prefix_weight = draw_prefix(_cond().repeat(2), x0, K, prob=1.0, noise_std=0.05,
+                                      generator=torch.Generator().manual_seed(2))
+    obj = DistillObjective(segments=2, teacher_cfg=False, motion_weight=50.0)
+    edges, grid = obj.edge_tensor(), torch.linspace(0, 1, 11)
+
+    def terms(frames: slice | None) -> dict[str, float]:
+        mask = torch.zeros(2, 8, 16, 16)
+        if frames is not None:
+            mask[:, frames] = 1
+        with torch.no_grad():
+            _, out = distill_losses(model, model, model, x0, cond, None, edges, grid, obj,
+                                    torch.Generator().manual_seed(3), mask, prefix_weight)
+        return out
+
+    plain, on_prefix, elsewhere = terms(None), terms(slice(0, K)), terms(slice(K, 8))
+    for name in ("loss_cd", "loss_aux"):
+        assert on_prefix[name] == pytest.approx(plain[name], rel=1e-4)
+        assert elsewhere[name] > 2 * plain[name]
+
+
+def test_tpo_pairs_share_the_winners_prefix_and_carry_no_preference_on_it():
+    from ray_jobs.train_tpo import TPOObjective, dpo_errors, draw_pair_prefix
+
+    torch.manual_seed(0)
+    model = build_denoiser(ModelConfig(motion_frames=K)).eval()
+    wake_zero_inits(model)
+    x0_w, x0_l, noise = torch.randn(2, 16, 8, 16, 16), torch.randn(2, 16, 8, 16, 16), torch.randn(2, 16, 8, 16, 16)
+    sigma, cond = torch.tensor([0.9, 0.95]), _cond().repeat(2)
+    given, weight = draw_pair_prefix(model, cond, x0_w, TPOObjective(motion_prefix_prob=1.0),
+                                     torch.Generator().manual_seed(1))
+    assert torch.equal(given.motion, x0_w[:, :, :K]) and given.keep_mask("motion").all()
+    loser_other_past = x0_l.clone()
+    loser_other_past[:, :, :K] += 1.0
+    with torch.no_grad():
+        _, loser = dpo_errors(model, x0_w, x0_l, sigma, noise, given, weight)
+        _, loser_moved = dpo_errors(model, x0_w, loser_other_past, sigma, noise, given, weight)
+        _, loser_plain = dpo_errors(model, x0_w, x0_l, sigma, noise, cond)
+        _, loser_plain_moved = dpo_errors(model, x0_w, loser_other_past, sigma, noise, cond)
+    torch.testing.assert_close(loser_moved, loser)  # the loser's own first frames are replaced by the winner's
+    assert not torch.allclose(loser_plain_moved, loser_plain)
+    unchanged, no_weight = draw_pair_prefix(model, cond, x0_w, TPOObjective(), torch.Generator())
     assert unchanged is cond and no_weight is None
 
 

@@ -24,12 +24,7 @@ from ray_jobs.train_tpo import ADAPTERS, TPOConfig, TPOObjective, TPOTask, adapt
 BOUNDARY = 0.875
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(batch: int = 2, seed: int = 0):
