@@ -496,14 +496,16 @@ def add_audio_features(batch: dict, cfg: PreprocessConfig) -> dict:
 
 
 def add_pose(batch: dict, cfg: PreprocessConfig) -> dict:
-    """map_batches UDF: `pose` (B, T, H, W, 3) drawn from the keypoints (the sidecar's, or the extractor's,
-    found on the detection stream while decoding, `_Detections`)."""
+    """map_batches UDF: `pose` (B, T, H, W, 3) from the keypoints: the sidecar's or those found on the detection
+    stream while decoding (`_Detections`); a clip with neither (this stage called on clip frames alone, as
+    without Ray) has the extractor run on its clip frames here."""
     keypoints = np.array(batch["keypoints"], np.float32)
+
     kept = pixels_kept(batch, cfg)
 
     def pose(i: int, maps: np.ndarray) -> None:
-        if not batch["has_keypoints"][i]:  # decoding runs the extractor unless it is 'none'
-            raise StageError("pose", f"no sidecar keypoints and pose.extractor={cfg.pose.extractor!r}")
+        if not batch["has_keypoints"][i]:
+            keypoints[i] = _extract_keypoints(batch["frames"][i], cfg)
         if kept[i]:  # else never written (store_pixels): the zero pages stay untouched, ~97 MB at 832x480
             render_pose(keypoints[i], cfg.height, cfg.width, cfg.pose.render_conf_threshold, out=maps)
 
