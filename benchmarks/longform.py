@@ -102,7 +102,8 @@ def _seam_jump(video: np.ndarray, seams: list[int]) -> float:
     diffs = np.abs(np.diff(video.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # diffs[t-1] = |f_t - f_t-1|
     at = np.zeros(len(diffs), bool)
     at[[s - 1 for s in seams]] = True
-    return float(diffs[at].mean() / diffs[~at].mean())
+    inside = diffs[~at].mean()
+    return float(diffs[at].mean() / inside) if inside > 0 else float("nan")  # a still video has no seams
 
 
 def _run_variants(teacher: Path, seconds: float, clips: int, steps: int) -> dict:
@@ -131,8 +132,26 @@ def _run_variants(teacher: Path, seconds: float, clips: int, steps: int) -> dict
             videos.setdefault(name, frames)
         results[name] = _summary(rows, time.perf_counter() - start)
         results[name]["chunk_spans"] = spans
+    results.update(_baselines(engine, seconds, clips, results["continuation"]["chunk_spans"]))
     return {"variants": results, "first_videos": videos, "chunk_frames": engine.long_form.chunk_frames,
             "fps": _requests(seconds, 1)[0][0].fps}
+
+
+def _baselines(engine, seconds: float, clips: int, spans) -> dict:
+    """Copy-the-reference (the first frame held) and the VAE round trip of the truth, scored on the same
+    chunk spans as the continuation: the floor and the ceiling beside the variants."""
+    from model.vae import video_to_uint8
+
+    rows = {"copy_reference": [], "vae_round_trip": []}
+    for _, truth in _requests(seconds, clips):
+        copy = np.repeat(truth[:1], len(truth), axis=0)
+        round_trip = video_to_uint8(engine.vae.decode(engine.vae.encode(truth[None]))).numpy()[0]
+        rows["copy_reference"].append(_scores(copy, truth, truth[0], spans))
+        rows["vae_round_trip"].append(_scores(round_trip, truth, truth[0], spans))
+    out = {name: _summary(scored, 0.0) for name, scored in rows.items()}
+    for result in out.values():
+        result["chunk_spans"] = spans
+    return out
 
 
 def _summary(rows: list[dict], seconds: float) -> dict:
@@ -142,9 +161,13 @@ def _summary(rows: list[dict], seconds: float) -> dict:
             "ssim_slope_per_chunk": float(np.polyfit(chunks, mean["ssim"], 1)[0]),
             "first_chunk_psnr": mean["psnr"][0], "last_chunk_psnr": mean["psnr"][-1],
             "psnr_drop_first_to_last": mean["psnr"][0] - mean["psnr"][-1],
-            "seam_jump": float(np.mean([r["seam_jump"] for r in rows])),
+            "seam_jump": _finite(np.mean([r["seam_jump"] for r in rows])),
             "truth_seam_jump": float(np.mean([r["truth_seam_jump"] for r in rows])),
             "colour_drift_last_chunk": mean["colour"][-1], "seconds": round(seconds, 1)}
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _plot(variants: dict, videos: dict, fps: float, path: Path) -> None:
@@ -156,7 +179,8 @@ def _plot(variants: dict, videos: dict, fps: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
-    for name, result in variants.items():
+    for name in VARIANTS:
+        result = variants[name]
         middle = [(a + b) / 2 / fps for a, b in result["chunk_spans"]]
         axes[0].plot(middle, result["per_chunk"]["psnr"], label=name)
         axes[1].plot(middle, result["per_chunk"]["colour"], label=name)
@@ -167,7 +191,9 @@ def _plot(variants: dict, videos: dict, fps: float, path: Path) -> None:
     for first, _ in variants["continuation"]["chunk_spans"][1:]:
         if first < shown:
             axes[2].axvline(first, color="grey", lw=0.5, ls=":")
-    axes[0].set(xlabel="time (s)", ylabel="PSNR vs truth (dB)", title="quality over time (per chunk)")
+    floor, ceiling = (np.mean(variants[k]["per_chunk"]["psnr"]) for k in ("copy_reference", "vae_round_trip"))
+    axes[0].set(xlabel="time (s)", ylabel="PSNR vs truth (dB)",
+                title=f"quality per chunk (copy {floor:.1f}, VAE {ceiling:.1f} dB)")
     axes[1].set(xlabel="time (s)", ylabel="Lab distance to reference", title="colour drift (per chunk)")
     axes[2].set(xlabel="frame", ylabel="mean |f_t - f_t-1|", title="frame difference, clip 1 (seams dotted)")
     axes[0].legend()
