@@ -26,14 +26,16 @@ the reference image, against the slow colour drift peers report (InfiniteTalk's 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import cv2
+
 import numpy as np
 import torch
 
 from model.conditions import Conditions
 
-__all__ = ["prefix_pixel_frames", "ChunkPlan", "plan_chunks", "draw_prefix", "slice_conditions", "match_colour"]
+__all__ = ["prefix_pixel_frames", "ChunkPlan", "plan_chunks", "draw_prefix", "training_prefix_frames", "slice_conditions", "match_colour"]
 
 
 def prefix_pixel_frames(latent_frames: int, temporal_factor: int) -> int:
@@ -107,6 +109,17 @@ def draw_prefix(cond: Conditions, latents: torch.Tensor, frames: int, prob: floa
     weight[keep, :, :frames] = 0.0
     keep_all = {**cond.keep, "motion": keep.to(latents.device)}
     return replace(cond, motion=prefix.to(latents), keep=keep_all), weight.to(latents.device)
+
+
+def training_prefix_frames(model: Any, prob: float, setting: str) -> int:
+    """The prefix length a training job draws (`draw_prefix`): the model's ``motion_frames`` when ``prob`` > 0,
+    else 0. A model (or an engine wrapping one as ``.module``) without the path fails loudly, naming ``setting``."""
+    if not prob:
+        return 0
+    frames = getattr(model, "module", model).config.motion_frames
+    if not frames:
+        raise ValueError(f"{setting} > 0 needs a model built with model.motion_frames > 0")
+    return frames
 
 
 def match_colour(frames: np.ndarray, reference: np.ndarray, strength: float = 1.0) -> np.ndarray:

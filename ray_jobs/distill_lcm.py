@@ -51,7 +51,7 @@ from model.conditions import CONDITION_NAMES, Conditions
 from model.sampling import SamplerSpec
 from core.config import StrictConfig
 from model.flow import add_noise, cfg_velocity, euler_step
-from model.motion_frames import draw_prefix
+from model.motion_frames import draw_prefix, training_prefix_frames
 from model.losses import consistency_distillation_loss, fine_solver_grid, motion_weight_map, pseudo_huber, sample_consistency_pair
 from model.presets import ModelConfig
 from model.samplers import SegmentPlan, segment_edges
@@ -380,9 +380,8 @@ class DistillTask:
     def on_engine_ready(self, engine: Any, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype, self.engine = device, dtype, engine
         self._synced_step = int(getattr(engine, "global_steps", 0))
-        self.motion_frames = engine.module.config.motion_frames if self.cfg.objective.motion_prefix_prob else 0
-        if self.cfg.objective.motion_prefix_prob and not self.motion_frames:
-            raise ValueError("objective.motion_prefix_prob > 0 needs a teacher built with model.motion_frames > 0")
+        self.motion_frames = training_prefix_frames(engine, self.cfg.objective.motion_prefix_prob,
+                                                    "objective.motion_prefix_prob")
         if self.shared_base:
             model = engine.module
             self.teacher_fn = (routed_teacher(model, self.tpo_plan) if self.tpo_plan is not None

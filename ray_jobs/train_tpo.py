@@ -34,13 +34,13 @@ from model.sampling import SamplerSpec
 from core.config import StrictConfig
 from model.flow import add_noise
 from model.losses import diffusion_dpo_loss, flow_matching_loss
-from model.motion_frames import draw_prefix
+from model.motion_frames import draw_prefix, training_prefix_frames
 from ray_jobs.common import init_ray, parse_job_config, setup_logging
 from ray_jobs.training.config import TrainJobConfig
 from ray_jobs.training.loop import run_worker_loop
 
-__all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", "segment_sigmas", "add_tpo_adapters", "draw_pair_prefix",
-           "adapter_params", "tpo_card", "run", "main"]
+__all__ = ["TPOObjective", "TPOConfig", "TPOTask", "ADAPTERS", "TRAIN_COLUMNS", "segment_sigmas", "add_tpo_adapters",
+           "draw_pair_prefix", "adapter_params", "tpo_card", "run", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,7 @@ def draw_pair_prefix(model: torch.nn.Module, cond: Conditions, x0_w: torch.Tenso
     """Continuation pairs: with probability ``tpo.motion_prefix_prob`` both clips of a pair get the winner's first
     motion_frames latent frames as the prefix ("given the same past, which continuation is better"); the
     prefix frames are pinned in policy and reference alike, so they carry no preference signal (weight 0)."""
-    if not tpo.motion_prefix_prob:
-        return cond, None
-    frames = getattr(model, "module", model).config.motion_frames
-    if not frames:
-        raise ValueError("tpo.motion_prefix_prob > 0 needs a teacher built with model.motion_frames > 0")
+    frames = training_prefix_frames(model, tpo.motion_prefix_prob, "tpo.motion_prefix_prob")
     return draw_prefix(cond, x0_w, frames, tpo.motion_prefix_prob, tpo.motion_prefix_noise, generator)
 
 

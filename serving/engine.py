@@ -313,4 +313,3 @@ def _seeded_random_init(model_cfg: Any) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build_denoiser(model_cfg)
-

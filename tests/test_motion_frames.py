@@ -10,7 +10,8 @@ from diffusers import AutoencoderKLWan
 from model.conditions import Conditions
 from model.generate import ChunkDone, LongFormConfig, generate_long
 from model.losses import flow_matching_loss
-from model.motion_frames import draw_prefix, match_colour, plan_chunks, prefix_pixel_frames, slice_conditions
+from model.motion_frames import (draw_prefix, match_colour, plan_chunks, prefix_pixel_frames, slice_conditions,
+                                 training_prefix_frames)
 from model.presets import ModelConfig, build_denoiser
 from model.samplers import sample_consistency, sample_euler_cfg
 from model.sampling import SamplerSpec
@@ -50,6 +51,9 @@ def test_an_old_checkpoint_loads_and_behaves_as_before_without_a_prefix(teachers
         assert torch.equal(new(x, sigma, given), before)  # kept by nobody: no prefix
     with pytest.raises(ValueError, match="motion_frames > 0"):
         old(x, sigma, given)
+    assert training_prefix_frames(new, 0.5, "p") == K and training_prefix_frames(old, 0.0, "p") == 0
+    with pytest.raises(ValueError, match=r"tpo.motion_prefix_prob > 0 needs a model built with model.motion_frames"):
+        training_prefix_frames(old, 0.5, "tpo.motion_prefix_prob")  # a training job asked to draw prefixes
 
 
 def test_the_prefix_is_pinned_exactly_in_every_sampler(teachers):

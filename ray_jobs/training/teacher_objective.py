@@ -18,7 +18,7 @@ from core.config import StrictConfig
 from model.conditions import CONDITION_NAMES, Conditions
 from model.flow import add_noise, sample_training_sigmas
 from model.losses import flow_matching_loss
-from model.motion_frames import draw_prefix
+from model.motion_frames import draw_prefix, training_prefix_frames
 from model.pose import POSE_RENDER_COLUMNS
 
 __all__ = ["TRAIN_COLUMNS", "TeacherObjective", "teacher_loss"]
@@ -74,9 +74,7 @@ def teacher_loss(model: Any, batch: dict[str, torch.Tensor], obj: TeacherObjecti
     sigma = sample_training_sigmas(x0.shape[0], generator, mode=obj.timestep_sampling, shift=obj.shift,
                                    mean=obj.logit_mean, std=obj.logit_std).to(device, dtype)
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
-    frames = getattr(model, "module", model).config.motion_frames if obj.motion_prefix_prob else 0
-    if obj.motion_prefix_prob and not frames:
-        raise ValueError("objective.motion_prefix_prob > 0 needs a model built with model.motion_frames > 0")
+    frames = training_prefix_frames(model, obj.motion_prefix_prob, "objective.motion_prefix_prob")
     cond, weight = draw_prefix(cond, x0, frames, obj.motion_prefix_prob, obj.motion_prefix_noise, generator)
     v_pred = model(add_noise(x0, noise, sigma), sigma, cond)
     loss = flow_matching_loss(v_pred.float(), x0.float(), noise.float(), weight).mean()
